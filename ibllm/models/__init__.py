@@ -1,0 +1,1 @@
+"""Model definitions: LLaMA decoder, bind network, ImageBind encoders, Point-Bind."""
