@@ -42,8 +42,11 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Without EXP the embedded demo runs: its data and stage-0 towers are built once (data/demo/), then reused.
 pretrain: setup
+	$(if $(EXP),,$(BIN)/python -m ibllm demo prepare)
 	$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_pretrain.yaml) $(ARGS)
 
 finetune: setup
+	$(if $(EXP),,$(BIN)/python -m ibllm demo prepare)
 	$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_finetune.yaml) $(ARGS)

@@ -7,6 +7,7 @@ the file it reads (``params.json``, ``config.json`` or GGUF metadata) so users n
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -203,4 +204,5 @@ def imagebind_preset(name: str, **overrides: Any) -> ImageBindConfig:
     """Return a copy of the named ImageBind preset with ``overrides`` applied."""
     if name not in IMAGEBIND_PRESETS:
         raise KeyError(f"unknown ImageBind preset {name!r}; choose from {sorted(IMAGEBIND_PRESETS)}")
-    return dataclasses.replace(IMAGEBIND_PRESETS[name], **overrides)
+    # deep copy: the nested trunk/point configs must not be shared with the preset table
+    return dataclasses.replace(copy.deepcopy(IMAGEBIND_PRESETS[name]), **overrides)

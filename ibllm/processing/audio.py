@@ -67,19 +67,15 @@ def resample(
 
 
 # --------------------------------------------------------------------------- Kaldi fbank
-def _mel(freq: Tensor | float) -> Tensor | float:
-    if isinstance(freq, Tensor):
-        return 1127.0 * torch.log1p(freq / 700.0)
-    return 1127.0 * math.log1p(freq / 700.0)
-
-
 @lru_cache(maxsize=16)
 def mel_banks(num_bins: int, padded_window: int, sample_frequency: float, low_freq: float,
               high_freq: float) -> Tensor:
-    """Kaldi triangular mel filters ``[num_bins, padded_window//2 + 1]`` (last FFT bin always 0).
+    """Kaldi triangular mel filters ``[num_bins, padded_window//2 + 1]`` float32 (last FFT bin always 0).
 
-    ``high_freq <= 0`` is an offset from Nyquist (Kaldi convention). Triangles are linear in the
-    ``1127 ln(1 + f/700)`` mel scale; a bin whose triangle contains no FFT bin stays all-zero.
+    ``high_freq <= 0`` is an offset from Nyquist (Kaldi convention). Triangles are linear in the mel scale
+    ``1127 ln(1 + f/700)``; a bin whose triangle contains no FFT bin stays all-zero. Like Kaldi, the band
+    edges are computed in double and the per-FFT-bin mel values and slopes in single precision: low-energy
+    bins of the log fbank are sensitive to the weights at the 1e-5 level, so this matters for matching.
     """
     nyquist = 0.5 * sample_frequency
     if high_freq <= 0.0:
@@ -88,15 +84,17 @@ def mel_banks(num_bins: int, padded_window: int, sample_frequency: float, low_fr
         raise ValueError(f"bad mel range low={low_freq} high={high_freq} for nyquist {nyquist}")
     num_fft_bins = padded_window // 2
     bin_width = sample_frequency / padded_window
-    mel_low, mel_high = _mel(low_freq), _mel(high_freq)
+    mel_low = 1127.0 * math.log(1.0 + low_freq / 700.0)
+    mel_high = 1127.0 * math.log(1.0 + high_freq / 700.0)
     delta = (mel_high - mel_low) / (num_bins + 1)
-    b = torch.arange(num_bins, dtype=torch.float64)[:, None]
-    left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
-    mel = _mel(bin_width * torch.arange(num_fft_bins, dtype=torch.float64))[None, :]
+    b = torch.arange(num_bins, dtype=torch.float32)[:, None]
+    left, center, right = mel_low + b * delta, mel_low + (b + 1.0) * delta, mel_low + (b + 2.0) * delta
+    freqs = bin_width * torch.arange(num_fft_bins, dtype=torch.float32)
+    mel = (1127.0 * torch.log(1.0 + freqs / 700.0))[None, :]
     up = (mel - left) / (center - left)
     down = (right - mel) / (right - center)
     banks = torch.clamp(torch.minimum(up, down), min=0.0)
-    return F.pad(banks, (0, 1)).float()
+    return F.pad(banks, (0, 1))
 
 
 def _fbank_frames(frames: Tensor, num_mel_bins: int, sample_frequency: float, preemphasis: float,
@@ -116,7 +114,7 @@ def _fbank_frames(frames: Tensor, num_mel_bins: int, sample_frequency: float, pr
     if use_power:
         spec = spec.pow(2)
     banks = mel_banks(num_mel_bins, n_fft, float(sample_frequency), float(low_freq), float(high_freq))
-    mel = torch.matmul(spec, banks.to(spec.dtype).T)
+    mel = torch.matmul(spec, banks.to(spec.dtype).T)  # [..., F, bins]
     if use_log_fbank:
         mel = torch.log(torch.clamp(mel, min=torch.finfo(torch.float32).eps))
     return mel
@@ -172,6 +170,8 @@ def _fbank_batch(waves: Tensor, num_mel_bins: int = 128, sample_frequency: float
     frame_length = int(sample_frequency * frame_length_ms * 0.001)
     frame_shift = int(sample_frequency * frame_shift_ms * 0.001)
     frames = frame_signal(waves, frame_length, frame_shift)
+    if frames.shape[-2] == 0:  # shorter than one window: no frames (the FFT backend rejects empty input)
+        return waves.new_zeros(*waves.shape[:-1], 0, num_mel_bins)
     return _fbank_frames(frames, num_mel_bins, sample_frequency, preemphasis, remove_dc_offset,
                          round_to_power_of_two, low_freq, high_freq, use_power, use_log_fbank)
 

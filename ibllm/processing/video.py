@@ -14,7 +14,7 @@ from torch import Tensor
 from .errors import MediaError, open_source
 from .image import CLIP_MEAN, CLIP_STD
 
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".flv", ".wmv",
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".m4a", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".flv", ".wmv",
                     ".3gp", ".ts", ".gif", ".ogv")
 
 

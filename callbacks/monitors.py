@@ -1,0 +1,71 @@
+"""Training monitors: per-layer gate openness, gradient norm, and a few logged generations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm
+
+from ibllm.generation import generate_tokens
+from ibllm.processing.templates import CAPTION_INSTRUCTION, format_prompt
+
+
+def log_scalar(trainer: L.Trainer, name: str, value: float) -> None:
+    """Write one scalar to every logger at the current global step."""
+    for logger in trainer.loggers:
+        logger.log_metrics({name: value}, step=trainer.global_step)
+
+
+class GateMonitor(L.Callback):
+    """Logs mean |tanh(gate)| per layer (how far each layer has opened the visual injection) and the
+    total gradient L2 norm of the trainable parameters, every ``every_n_steps`` optimizer steps."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        norms = grad_norm(pl_module.model, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            log_scalar(trainer, "train/grad_norm", float(norms["grad_2.0_norm_total"]))
+        gates = [layer.attention.gate.detach().float().tanh().abs().mean().item() for layer in pl_module.model.llama.layers]
+        for i, value in enumerate(gates):
+            log_scalar(trainer, f"gates/layer_{i:02d}", value)
+        log_scalar(trainer, "gates/mean", sum(gates) / len(gates))
+
+
+class SampleGenerations(L.Callback):
+    """Every ``every_n_steps`` steps, greedily answers ``prompts`` for the first images of a training
+    batch and writes them to TensorBoard as text (default prompt: the stage-1 caption instruction)."""
+
+    def __init__(self, every_n_steps: int = 100, prompts: Sequence[str] | None = None, num_samples: int = 2,
+                 max_gen_len: int = 24) -> None:
+        self.every_n_steps = every_n_steps
+        self.prompts = list(prompts) if prompts else [format_prompt(CAPTION_INSTRUCTION)]
+        self.num_samples = num_samples
+        self.max_gen_len = max_gen_len
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps or not trainer.is_global_zero or "image" not in batch:
+            return
+        tok = pl_module.tokenizer()
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        images = batch["image"][: self.num_samples]
+        visual = model.visual_token(image=images)
+        lines = []
+        for prompt in self.prompts:
+            ids = [tok.encode(prompt, bos=True, eos=False)] * len(images)
+            for i, out in enumerate(generate_tokens(model, ids, visual, self.max_gen_len, temperature=0, eos_id=tok.eos_id)):
+                reference = batch.get("text", [""] * len(images))[i] if "text" in batch else ""
+                lines.append(f"**sample {i}** → {tok.decode(out)!r}  \n(reference: {reference!r})")
+        model.train(was_training)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("samples", "\n\n".join(lines), trainer.global_step)

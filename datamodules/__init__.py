@@ -1,0 +1,6 @@
+"""LightningDataModules: image–caption WebDataset shards, instruction data, and the demo's data writers."""
+
+from datamodules.instructions import InstructionData, InstructionDataset, load_records
+from datamodules.webdataset_captions import WebDatasetCaptions
+
+__all__ = ["InstructionData", "InstructionDataset", "WebDatasetCaptions", "load_records"]

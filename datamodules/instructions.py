@@ -1,0 +1,323 @@
+"""Stage-2 instruction data: Alpaca, LLaVA and ShareGPT JSON files behind one map-style dataset.
+
+Formats (auto-detected per item):
+
+* **Alpaca**: ``{"instruction", "input", "output"}`` -> one turn, the input template when ``input``
+  is non-empty (the official code's tuple defect D1 is not reproduced).
+* **LLaVA**: ``{"image", "conversations": [{"from": "human"|"gpt", "value"}, ...]}`` -> all turns,
+  ``<image>`` placeholder removed; with ``official_first_turn=True`` only the first exchange, the
+  placeholder kept verbatim (the official behaviour, D13).
+* **ShareGPT**: ``{"conversations": [...]}`` with ``from: human|gpt`` (also ``user``/``assistant``)
+  or ``role``/``content`` entries, or ``{"messages": [...]}``; ``system`` entries are dropped.
+
+Text-only items get the SPEC §1.8 fake image ``zeros(3,S,S)`` (already in normalised space), injected
+like a real image; ``text_only_injection=False`` keeps the zeros but sets ``inject=False``.
+Only assistant turns (+ EOS) are in the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ibllm.processing.samples import build_conversation_sample, build_sample, collate
+from ibllm.processing.templates import format_prompt, strip_image_placeholder
+
+log = logging.getLogger(__name__)
+
+USER_ROLES = {"human", "user"}
+ASSISTANT_ROLES = {"gpt", "assistant", "bot", "chatgpt", "model"}
+SKIP_ROLES = {"system"}
+
+
+@dataclass
+class InstructionRecord:
+    """One normalised item: ``(user, assistant)`` turns, optional Alpaca input, optional image path.
+
+    ``official`` marks records that must be built exactly like the official single-turn sample
+    (prompt = ``format_prompt(first human value)`` verbatim).
+    """
+
+    turns: list[tuple[str, str]]
+    input: Optional[str] = None
+    image: Optional[str] = None
+    official: bool = False
+
+
+def _pair_turns(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Pair consecutive user -> assistant messages; drops system messages and unanswered user turns."""
+    turns: list[tuple[str, str]] = []
+    pending: Optional[str] = None
+    for m in messages:
+        role = str(m.get("from", m.get("role", ""))).lower()
+        text = m.get("value", m.get("content", ""))
+        text = "" if text is None else str(text)
+        if role in SKIP_ROLES:
+            continue
+        if role in USER_ROLES:
+            pending = text if pending is None else pending + "\n" + text
+        elif role in ASSISTANT_ROLES:
+            if pending is not None:
+                turns.append((pending, text))
+                pending = None
+        else:
+            raise ValueError(f"unknown conversation role {role!r}")
+    return turns
+
+
+def parse_item(item: dict[str, Any], image_root: Optional[Path], official_first_turn: bool = False) -> Optional[InstructionRecord]:
+    """Normalise one JSON item (Alpaca / LLaVA / ShareGPT); None if it holds no usable turn."""
+    image = item.get("image")
+    if image is not None:
+        path = Path(str(image))
+        image = str(path if path.is_absolute() or image_root is None else image_root / path)
+    if "instruction" in item:
+        return InstructionRecord([(str(item["instruction"]), str(item.get("output", "")))], item.get("input") or None, image)
+    messages = item.get("conversations", item.get("messages"))
+    if messages is None:
+        raise ValueError(f"item has neither 'instruction' nor 'conversations'/'messages': keys {sorted(item)}")
+    if official_first_turn and image is not None:
+        if len(messages) < 2:
+            return None
+        return InstructionRecord([(str(messages[0]["value"]), str(messages[1]["value"]))], None, image, official=True)
+    turns = [(strip_image_placeholder(u), a) for u, a in _pair_turns(messages)]
+    return InstructionRecord(turns, None, image) if turns else None
+
+
+def expand_files(files: Union[str, Path, Sequence[Union[str, Path]]]) -> list[Path]:
+    """A file, a list of files, or a YAML data config with a ``META`` list (SPEC §7.1), flattened."""
+    if isinstance(files, (str, Path)):
+        files = [files]
+    out: list[Path] = []
+    for f in files:
+        p = Path(f)
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            meta = yaml.safe_load(p.read_text()) or {}
+            out += expand_files([Path(x) if Path(x).is_absolute() else p.parent / x for x in meta.get("META", [])])
+        else:
+            out.append(p)
+    return out
+
+
+def load_records(
+    files: Union[str, Path, Sequence[Union[str, Path]]],
+    image_root: Optional[Union[str, Path]] = None,
+    official_first_turn: bool = False,
+    check_images: bool = True,
+) -> list[InstructionRecord]:
+    """Load and concatenate instruction files (JSON list or JSON-lines) into records.
+
+    Args:
+        files: JSON files (or a YAML ``META`` config) in any of the supported formats, concatenated.
+        image_root: directory relative image paths are resolved against (default: each file's folder).
+        official_first_turn: LLaVA items keep ``<image>`` and only their first exchange.
+        check_images: drop (and warn about) items whose image file does not exist.
+    """
+    records: list[InstructionRecord] = []
+    for path in expand_files(files):
+        text = path.read_text(encoding="utf-8")
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if isinstance(items, dict):
+            items = [items]
+        root = Path(image_root) if image_root is not None else path.parent
+        missing = empty = 0
+        for i, item in enumerate(items):
+            try:
+                rec = parse_item(item, root, official_first_turn)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: item {i}: {e}") from e
+            if rec is None:
+                empty += 1
+                continue
+            if check_images and rec.image is not None and not Path(rec.image).is_file():
+                missing += 1
+                continue
+            records.append(rec)
+        if missing or empty:
+            log.warning("%s: dropped %d items with a missing image and %d without a full turn", path, missing, empty)
+    return records
+
+
+class InstructionDataset(Dataset):
+    """Map-style dataset of instruction samples (shuffling/sharding is left to the sampler).
+
+    Each item: ``tokens``, ``labels`` (-100 = ignore), ``image [3,S,S]`` (the real image or the zero
+    fake image), ``inject`` (bool) and ``text`` (first user message, for logging).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[InstructionRecord],
+        tokenizer: Any,
+        max_words: int = 512,
+        image_size: int = 224,
+        train_transform: bool = True,
+        text_only_injection: bool = True,
+        ignore_unk: bool = False,
+        max_retries: int = 8,
+    ) -> None:
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.max_words = max_words
+        self.image_size = image_size
+        self.train_transform = train_transform
+        self.text_only_injection = text_only_injection
+        self.ignore_unk = ignore_unk
+        self.max_retries = max_retries
+        self.skipped: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def tokens(self, rec: InstructionRecord) -> dict[str, torch.Tensor]:
+        """Tokens and labels of a record (official single-turn construction for ``official`` records)."""
+        if rec.official:
+            user, answer = rec.turns[0]
+            return build_sample(self.tokenizer, format_prompt(user), answer, self.max_words, self.ignore_unk)
+        return build_conversation_sample(self.tokenizer, rec.turns, self.max_words, rec.input, self.ignore_unk)
+
+    def _build(self, rec: InstructionRecord) -> dict[str, Any]:
+        sample: dict[str, Any] = dict(self.tokens(rec))
+        if rec.image is not None:
+            from ibllm.processing.image import load_image
+
+            sample["image"] = load_image(rec.image, train=self.train_transform, size=self.image_size)
+            sample["inject"] = True
+        else:
+            sample["image"] = torch.zeros(3, self.image_size, self.image_size)
+            sample["inject"] = self.text_only_injection
+        sample["text"] = rec.turns[0][0]
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Build item ``index``; an unreadable image is counted and the next item is used instead."""
+        for attempt in range(self.max_retries + 1):
+            rec = self.records[(index + attempt) % len(self.records)]
+            try:
+                return self._build(rec)
+            except Exception as e:  # noqa: BLE001 - corrupt media must not stop training
+                self.skipped["bad_image"] = self.skipped.get("bad_image", 0) + 1
+                log.warning("instruction item %d: %s; using the next item", index + attempt, e)
+        raise RuntimeError(f"{self.max_retries + 1} consecutive unreadable instruction items from index {index}")
+
+
+class InstructionData(L.LightningDataModule):
+    """Stage-2 instruction data module.
+
+    Args:
+        train_files: JSON file(s) (Alpaca / LLaVA / ShareGPT, mixed freely) or a YAML ``META`` config.
+        val_files: held-out file(s), same formats.
+        tokenizer: object with ``encode(text, bos, eos)``; or call :meth:`set_tokenizer` before setup.
+        image_root: base directory for relative image paths (default: the JSON file's folder).
+        max_words: token limit (512 in stage 2).
+        batch_size, num_workers: per-rank loader settings (training drops the last short batch).
+        image_size: square image side.
+        train_transform: RandomResizedCrop(0.9–1.0) for training images.
+        text_only_injection: True = text-only items inject the fake image (official); False = no injection.
+        official_first_turn: LLaVA items as the official code builds them (first exchange, ``<image>`` kept).
+        seed: seed of the single-process shuffle (under DDP Lightning swaps in a DistributedSampler).
+        ignore_unk: also ignore label positions holding token 0.
+
+    Batches: ``tokens``, ``labels``, ``image [B,3,S,S]``, ``inject [B]``, ``text`` (list).
+    """
+
+    def __init__(
+        self,
+        train_files: Any = None,
+        val_files: Any = None,
+        tokenizer: Any = None,
+        image_root: Optional[str] = None,
+        max_words: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        image_size: int = 224,
+        train_transform: bool = True,
+        text_only_injection: bool = True,
+        official_first_turn: bool = False,
+        seed: int = 0,
+        ignore_unk: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.train_files = train_files
+        self.val_files = val_files
+        self.tokenizer = tokenizer
+        self.image_root = image_root
+        self.max_words = max_words
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.train_transform = train_transform
+        self.text_only_injection = text_only_injection
+        self.official_first_turn = official_first_turn
+        self.seed = seed
+        self.ignore_unk = ignore_unk
+        self.pin_memory = pin_memory
+        self.train_dataset: Optional[InstructionDataset] = None
+        self.val_dataset: Optional[InstructionDataset] = None
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Provide the tokenizer before ``setup``."""
+        self.tokenizer = tokenizer
+
+    def build_dataset(self, files: Any, train: bool) -> InstructionDataset:
+        """Load ``files`` into an :class:`InstructionDataset` (train or eval transform)."""
+        if self.tokenizer is None:
+            raise RuntimeError("InstructionData needs a tokenizer: pass tokenizer= or call set_tokenizer()")
+        records = load_records(files, self.image_root, self.official_first_turn)
+        if not records:
+            raise ValueError(f"no usable instruction items in {files!r}")
+        return InstructionDataset(
+            records,
+            self.tokenizer,
+            max_words=self.max_words,
+            image_size=self.image_size,
+            train_transform=train and self.train_transform,
+            text_only_injection=self.text_only_injection,
+            ignore_unk=self.ignore_unk,
+        )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Load the files for the requested stage."""
+        if stage in (None, "fit") and self.train_files is not None and self.train_dataset is None:
+            self.train_dataset = self.build_dataset(self.train_files, train=True)
+        if stage in (None, "fit", "validate") and self.val_files is not None and self.val_dataset is None:
+            self.val_dataset = self.build_dataset(self.val_files, train=False)
+
+    def _loader(self, dataset: InstructionDataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches, padded to the longest sample."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None, "no train_files configured"
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> Any:
+        """Held-out batches in file order (empty list when no val_files)."""
+        if self.val_dataset is None and self.val_files is not None:
+            self.val_dataset = self.build_dataset(self.val_files, train=False)
+        return [] if self.val_dataset is None else self._loader(self.val_dataset, train=False)

@@ -1,0 +1,202 @@
+"""LightningModules for stage 1 (pretrain) and stage 2 (finetune) — thin wrappers around ImageBindLLM.
+
+Both share one model class and differ only in the stage filter (:mod:`ibllm.tuning`) and their data.
+Checkpoints hold the trainable parameters plus optimizer/scheduler/loop state, never the frozen
+LLaMA / ImageBind weights: those are rebuilt from the same base files on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ibllm import tuning
+from ibllm.build import build_model, load_tokenizer_for
+from ibllm.models.ibllm import ImageBindLLM, lm_loss
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup from 0, then half-cosine down to ``min_ratio`` (SPEC §7.2, per step)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ImageBindLLMModule(L.LightningModule):
+    """Trains one stage of ImageBind-LLM.
+
+    Args:
+        llm: LLaMA source — preset name (random weights), ``smollm2-135m-instruct``, or a Meta / HF / GGUF path.
+        tokenizer: tokenizer file; default: the one that comes with ``llm``.
+        imagebind: ImageBind preset of the frozen encoder (``huge`` for real runs).
+        imagebind_weights: encoder weights (``imagebind_huge.pth`` layout); None = random frozen towers.
+        modalities: encoder branches to build (stage 1 needs ``vision`` only; [] for precomputed features).
+        init_from: trainable weights to start from: a stage-1 checkpoint (ours) or an official file.
+        lr: absolute peak learning rate; ignored when ``blr`` is set.
+        blr: base learning rate; peak lr = blr x global_batch / 256 (the official rule).
+        weight_decay: AdamW weight decay on >=2-D trainable tensors (SPEC §7.2).
+        warmup_steps: linear warmup length in optimizer steps (or ``warmup_fraction`` of all steps).
+        min_lr: the cosine schedule's floor.
+        frozen_dtype: storage dtype of frozen weights (``bfloat16`` halves their memory); trainables stay fp32.
+        sample_every_n_steps: log a few greedy generations to TensorBoard every N steps (0 = off).
+    """
+
+    stage: str = "finetune"
+
+    def __init__(self, llm: str = "tiny", tokenizer: str | None = None, imagebind: str = "tiny",
+                 imagebind_weights: str | None = None, modalities: list[str] | None = None,
+                 init_from: str | None = None, lr: float = 1e-4, blr: float | None = None,
+                 weight_decay: float = 0.05, warmup_steps: int = 0, warmup_fraction: float | None = None,
+                 min_lr: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), frozen_dtype: str = "float32",
+                 sample_every_n_steps: int = 0, sample_max_gen_len: int = 24, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: ImageBindLLM | None = None
+        self.strict_loading = False  # checkpoints hold only the trainable parameters
+        self._last_step_time: float | None = None
+
+    # ---- model ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the model once (Lightning calls this before fit/resume; safe to call again)."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        modalities = ["vision"] if hp.modalities is None else list(hp.modalities)
+        self.model = build_model(hp.llm, self.stage, hp.imagebind, hp.imagebind_weights, modalities, hp.seed)
+        if hp.init_from:
+            load_trainable(self.model, hp.init_from)
+        if hp.frozen_dtype != "float32":
+            tuning.cast_frozen(self.model, getattr(torch, hp.frozen_dtype))
+
+    def tokenizer(self):
+        """The LLM tokenizer (loaded lazily; used for logged samples)."""
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = load_tokenizer_for(self.hparams.llm, self.hparams.tokenizer)
+        return self._tokenizer
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        """Logits ``[B,S,V]`` of a training batch (``tokens`` + ``image`` or ``feature`` [+ ``inject``])."""
+        return self.model(batch["tokens"], image=batch.get("image") if "feature" not in batch else None,
+                          feature=batch.get("feature"), inject=batch.get("inject"))
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = lm_loss(self(batch), batch["labels"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at global step {self.global_step} "
+                                     f"(batch {batch_idx}); stopping. Lower the learning rate or check the data.")
+        bsz = batch["tokens"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
+        self._log_throughput(batch)
+        if "skipped" in batch:
+            self.log("data/skipped_samples", float(batch["skipped"]), batch_size=bsz)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = lm_loss(self(batch), batch["labels"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["tokens"].shape[0], sync_dist=True)
+        return loss
+
+    def _log_throughput(self, batch: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            elapsed = max(now - self._last_step_time, 1e-9)
+            tokens = int((batch["tokens"] != 0).sum()) * self.trainer.world_size
+            self.log("perf/tokens_per_s", tokens / elapsed, batch_size=1)
+            self.log("perf/samples_per_s", batch["tokens"].shape[0] * self.trainer.world_size / elapsed, batch_size=1)
+        self._last_step_time = now
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def peak_lr(self) -> float:
+        """Absolute lr, from ``blr`` x global batch / 256 when ``blr`` is set."""
+        if self.hparams.blr is None:
+            return self.hparams.lr
+        batch = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
+        if batch is None:
+            raise ValueError("blr needs the data module's batch_size to compute the global batch")
+        return self.hparams.blr * batch * self.trainer.accumulate_grad_batches * self.trainer.world_size / 256
+
+    def configure_optimizers(self):
+        groups = tuning.optimizer_groups(self.model, self.stage, self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.peak_lr(), betas=tuple(self.hparams.betas))
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("set trainer.max_steps: the schedule needs a known number of optimizer steps")
+        total = int(total)
+        warmup = self.hparams.warmup_steps
+        if self.hparams.warmup_fraction is not None:
+            warmup = int(self.hparams.warmup_fraction * total)
+        min_ratio = self.hparams.min_lr / max(self.peak_lr(), 1e-12)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable tensors, plus what is needed to rebuild and check the frozen base."""
+        prefix = "model."
+        trainable = tuning.trainable_state_dict(self.model, self.stage)
+        checkpoint["state_dict"] = {prefix + k: v for k, v in trainable.items()}
+        checkpoint["ibllm"] = {"stage": self.stage, "llm": self.hparams.llm, "imagebind": self.hparams.imagebind,
+                               "imagebind_weights": self.hparams.imagebind_weights,
+                               "llama_config": self.model.cfg.to_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("ibllm", {})
+        if meta.get("stage", self.stage) != self.stage:
+            raise ValueError(f"checkpoint is from stage {meta['stage']!r}; resuming needs stage {self.stage!r} "
+                             f"(to start stage 2 from stage 1, pass it as model.init_from)")
+        if self.model is not None and "llama_config" in meta and meta["llama_config"] != self.model.cfg.to_dict():
+            raise ValueError("checkpoint was trained on a different LLaMA shape: "
+                             f"{meta['llama_config']} vs {self.model.cfg.to_dict()}")
+
+
+class PretrainModule(ImageBindLLMModule):
+    """Stage 1: bind network, prefix queries and gates on image–caption pairs."""
+
+    stage = "pretrain"
+
+
+class FinetuneModule(ImageBindLLMModule):
+    """Stage 2: LoRA, biases and norms on instruction data."""
+
+    stage = "finetune"
+
+
+def load_trainable(model: ImageBindLLM, path: str | Path) -> None:
+    """Load trainable weights into ``model`` from our Lightning checkpoint, our exported file, or an
+    official ImageBind-LLM file. Keys that the model lacks are an error; keys the file lacks keep their init."""
+    from ibllm.checkpoints import CheckpointError, load_official_adapter, safe_load
+
+    path = Path(path)
+    raw = safe_load(path, "trainable weights")
+    if isinstance(raw, dict) and "state_dict" in raw:  # a Lightning checkpoint of ours
+        state = {k.removeprefix("model."): v for k, v in raw["state_dict"].items()}
+    elif isinstance(raw, dict) and "model" in raw:  # official layout
+        state = load_official_adapter(path)
+    else:
+        state = raw
+    own = model.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    if unexpected:
+        raise CheckpointError(f"{path}: keys the model does not have: {unexpected[:8]}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(own[key].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def run_lightning_cli(argv: list[str]) -> None:
+    """``python -m ibllm fit --config X.yaml [--dotted.flags]`` via LightningCLI (OmegaConf interpolation on)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(ImageBindLLMModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 args=argv, parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+                 auto_configure_optimizers=False)

@@ -1,0 +1,252 @@
+"""Data modules: WebDataset captions (skips, rank/worker splits, resampling), instructions, demo writer."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from datamodules.captions import CaptionShardDataset
+from datamodules.instructions import InstructionData, load_records
+from datamodules.shards import ReaderInfo, expand_urls, parse_sources
+from datamodules.webdataset_captions import WebDatasetCaptions
+from ibllm.processing.samples import IGNORE_INDEX
+
+SIZE = 32
+
+
+class CharTok:
+    """Char-level tokenizer: BOS=1, EOS=2, char -> 3 + byte."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [1] * bos + [3 + b for b in text.encode("utf-8")] + [2] * eos
+
+    def decode(self, ids) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", "replace")
+
+
+def png(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, n_shards: int, per_shard: int, prefix: str = "s", bad: bool = False,
+                 npy: bool = False) -> str:
+    """Write shards with keys '{prefix}{shard}_{i}'; ``bad`` adds one corrupt image, one missing caption,
+    one bad-UTF-8 caption and one missing image to shard 0."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with wds.TarWriter(str(folder / f"{prefix}{s:04d}.tar")) as sink:
+            for i in range(per_shard):
+                sample = {"__key__": f"{prefix}{s}_{i:03d}", "png": png(s * 1000 + i), "txt": f"caption {s} {i}",
+                          "json": json.dumps({"i": i})}
+                if npy:
+                    b = io.BytesIO()
+                    np.save(b, np.full(8, s + i / 100, dtype=np.float32))
+                    sample["npy"] = b.getvalue()
+                sink.write(sample)
+            if bad and s == 0:
+                sink.write({"__key__": "bad_img", "jpg": b"not an image at all", "txt": "x"})
+                sink.write({"__key__": "no_caption", "png": png(7)})
+                sink.write({"__key__": "bad_utf8", "png": png(8), "txt": b"\xff\xfe\xfa"})
+                sink.write({"__key__": "no_image", "txt": "lonely caption"})
+    return str(folder / f"{prefix}{{0000..{n_shards - 1:04d}}}.tar")
+
+
+def module(train=None, val=None, **kw) -> WebDatasetCaptions:
+    args = dict(tokenizer=CharTok(), batch_size=4, num_workers=0, image_size=SIZE, max_words=48, shuffle_buffer=8,
+                resume_count=0)
+    args.update(kw)
+    return WebDatasetCaptions(train=train, val=val, **args)
+
+
+def keys_of(ds: CaptionShardDataset, info: ReaderInfo) -> list[str]:
+    return [k for b in ds.iter_reader(info) for k in b["key"]]
+
+
+def test_expand_urls(tmp_path) -> None:
+    lst = tmp_path / "shards.txt"
+    lst.write_text("a/{0..2}.tar\n# comment\nb.tar\n")
+    assert expand_urls(str(lst)) == ["a/0.tar", "a/1.tar", "a/2.tar", "b.tar"]
+    assert expand_urls("x/{00..01}.tar::y.tar") == ["x/00.tar", "x/01.tar", "y.tar"]
+    src = parse_sources([{"urls": "a/{0..1}.tar", "weight": 3}, {"urls": ["c.tar"], "weight": 1}])
+    assert [s.weight for s in src] == [3.0, 1.0] and src[0].urls == ["a/0.tar", "a/1.tar"]
+
+
+def test_skips_counted_never_crash(tmp_path) -> None:
+    pattern = write_shards(tmp_path / "d", 2, 5, bad=True)
+    dm = module(val=pattern)
+    ds = dm.build_val_dataset()
+    batches = list(ds.iter_reader(ReaderInfo()))
+    assert sum(len(b["key"]) for b in batches) == 10
+    assert batches[-1]["skipped"] == {"bad_image": 1, "missing_caption": 1, "bad_utf8": 1, "missing_image": 1}
+    b = batches[0]
+    assert b["image"].shape == (4, 3, SIZE, SIZE) and b["tokens"].shape == b["labels"].shape
+    assert b["inject"].all() and b["caption"][0].startswith("caption")
+    # through a real DataLoader with two workers (+ an unreadable shard): counts summed over workers
+    dm = module(val=[pattern, str(tmp_path / "missing.tar")], num_workers=2)
+    dm.setup("validate")
+    for batch in dm.val_dataloader():
+        dm.on_before_batch_transfer(batch, 0)
+    assert dm.skipped == {"bad_image": 1, "missing_caption": 1, "bad_utf8": 1, "missing_image": 1, "bad_shard": 1}
+
+
+def test_val_path_disjoint_across_ranks_and_workers(tmp_path) -> None:
+    pattern = write_shards(tmp_path / "d", 8, 3)
+    dm = module(val=pattern)
+    seen: list[str] = []
+    for rank in range(2):
+        ds = dm.build_val_dataset(rank=rank, world_size=2)
+        for worker in range(2):
+            keys = keys_of(ds, ReaderInfo(rank, 2, worker, 2))
+            assert len({k.split("_")[0] for k in keys}) == 2  # two whole shards per reader
+            seen += keys
+    assert len(seen) == len(set(seen)) == 24
+    # deterministic order
+    ds = dm.build_val_dataset(rank=0, world_size=2)
+    assert keys_of(ds, ReaderInfo(0, 2, 1, 2)) == keys_of(ds, ReaderInfo(0, 2, 1, 2))
+
+
+def test_resampled_order_depends_on_epoch_seed_reader(tmp_path) -> None:
+    pattern = write_shards(tmp_path / "d", 8, 2)
+    ds = module(train=pattern, samples_per_epoch=64).build_train_dataset(rank=0, world_size=2)
+    info = ReaderInfo(0, 2, 0, 2)
+
+    def order(d=ds, i=info, n=30):
+        it = d.shard_stream(i)
+        return [next(it) for _ in range(n)]
+
+    first = order()
+    assert first == order()  # reproducible
+    ds.set_epoch(1)
+    assert order() != first
+    ds.set_epoch(0)
+    assert order(i=ReaderInfo(0, 2, 1, 2)) != first and order(i=ReaderInfo(1, 2, 0, 2)) != first
+    other = module(train=pattern, samples_per_epoch=64, resume_count=1).build_train_dataset(rank=0, world_size=2)
+    assert order(d=other) != first
+    # length: ceil(64 / (4*2)) = 8 batches per rank, 4 per worker
+    assert len(ds) == 8
+    assert len(list(ds.iter_reader(info))) == 4
+    # the loader's sampler forwards Lightning's set_epoch to the dataset
+    dm = module(train=pattern, samples_per_epoch=64)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(5)
+    assert dm.train_dataset.epoch.get() == 5
+    assert len(loader) == 16
+
+
+def test_weighted_sources(tmp_path) -> None:
+    a = write_shards(tmp_path / "a", 2, 1, prefix="a")
+    b = write_shards(tmp_path / "b", 2, 1, prefix="b")
+    ds = module(train=[{"urls": a, "weight": 3}, {"urls": b, "weight": 1}], samples_per_epoch=8).build_train_dataset()
+    it = ds.shard_stream(ReaderInfo())
+    draws = [next(it) for _ in range(4000)]
+    frac_a = sum("/a/" in u for u in draws) / len(draws)
+    assert 0.72 < frac_a < 0.78
+
+
+def test_features_path(tmp_path) -> None:
+    pattern = write_shards(tmp_path / "d", 1, 4, npy=True)
+    ds = module(val=pattern, use_features=True).build_val_dataset()
+    (batch,) = list(ds.iter_reader(ReaderInfo()))
+    assert batch["feature"].shape == (4, 8) and "image" not in batch
+
+
+def _write_instruction_files(tmp: Path) -> dict[str, Path]:
+    (tmp / "imgs").mkdir(parents=True)
+    Image.open(io.BytesIO(png(1))).save(tmp / "imgs" / "one.png")
+    alpaca = tmp / "alpaca.json"
+    alpaca.write_text(json.dumps([
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"instruction": "Add", "input": "two and three", "output": "five"},
+    ]))
+    llava = tmp / "llava.json"
+    llava.write_text(json.dumps([
+        {"image": "imgs/one.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."},
+            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Noise."}]},
+        {"image": "imgs/missing.png", "conversations": [
+            {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
+    ]))
+    sharegpt = tmp / "sharegpt.json"
+    sharegpt.write_text(json.dumps([
+        {"conversations": [{"from": "system", "value": "be nice"}, {"from": "human", "value": "Hello"},
+                           {"from": "gpt", "value": "Hey."}]},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                      {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]},
+    ]))
+    return {"alpaca": alpaca, "llava": llava, "sharegpt": sharegpt}
+
+
+def test_instruction_formats(tmp_path) -> None:
+    files = _write_instruction_files(tmp_path)
+    recs = load_records([files["alpaca"], files["llava"], files["sharegpt"]], image_root=tmp_path)
+    assert len(recs) == 5  # the item with a missing image is dropped
+    llava = recs[2]
+    assert llava.turns == [("What is it?", "A square."), ("Colour?", "Noise.")]
+    assert llava.image == str(tmp_path / "imgs/one.png")
+    assert recs[1].input == "two and three"
+    assert recs[3].turns == [("Hello", "Hey.")]
+    assert recs[4].turns == [("2+2?", "4"), ("and 3+3?", "6")]
+    official = load_records(files["llava"], image_root=tmp_path, official_first_turn=True)
+    assert official[0].turns == [("<image>\nWhat is it?", "A square.")] and official[0].official
+
+
+def test_instruction_module_batches(tmp_path) -> None:
+    files = _write_instruction_files(tmp_path)
+    tok = CharTok()
+    dm = InstructionData(train_files=[str(f) for f in files.values()], tokenizer=tok, image_root=str(tmp_path),
+                         batch_size=5, num_workers=0, image_size=SIZE, max_words=512)
+    dm.setup("fit")
+    ds = dm.train_dataset
+    items = [ds[i] for i in range(len(ds))]
+    assert items[0]["image"].eq(0).all() and items[0]["inject"]  # fake image, injected (official)
+    assert not items[2]["image"].eq(0).all()  # real image
+    kept = items[2]["labels"][items[2]["labels"] != IGNORE_INDEX].tolist()
+    assert tok.decode(kept) == "A square.Noise." and kept.count(2) == 2  # assistant turns + EOS only
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["tokens"].shape[0] == 5 and batch["tokens"].shape[1] == max(len(x["tokens"]) for x in items)
+    assert batch["image"].shape == (5, 3, SIZE, SIZE) and batch["inject"].all()
+    dm2 = InstructionData(train_files=str(files["alpaca"]), tokenizer=tok, batch_size=2, num_workers=0,
+                          image_size=SIZE, text_only_injection=False)
+    batch = next(iter(dm2.train_dataloader()))
+    assert not batch["inject"].any() and batch["image"].eq(0).all()
+
+
+def test_demo_writer(tmp_path) -> None:
+    from datamodules.demo_data import (
+        caption_mentions_digit, digit_word, write_digit_instructions, write_digit_shards,
+    )
+
+    out = write_digit_shards(tmp_path / "digits", seed=0, shard_size=1000)
+    assert out.n_train + out.n_heldout == 1797 and out.n_heldout == 359
+    marker = tmp_path / "digits" / "done_shards.json"
+    stamp = marker.stat().st_mtime_ns
+    assert write_digit_shards(tmp_path / "digits", seed=0, shard_size=1000) == out
+    assert marker.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    held = list(wds.WebDataset(out.heldout_pattern, shardshuffle=False))
+    train_keys = {s["__key__"] for s in wds.WebDataset(out.train, shardshuffle=False)}
+    assert len(held) == 359 and len(train_keys) == 1438 and not train_keys & {s["__key__"] for s in held}
+    for s in held[:50]:
+        d = json.loads(s["json"])["label"]
+        assert caption_mentions_digit(s["txt"].decode(), d)
+    img = Image.open(io.BytesIO(held[0]["png"]))
+    assert img.size == (224, 224) and img.mode == "RGB"
+    assert digit_word(7) == "seven" and not caption_mentions_digit("someone", 1)
+    other = write_digit_shards(tmp_path / "digits2", seed=1, shard_size=1000)
+    assert {s["__key__"] for s in wds.WebDataset(other.heldout, shardshuffle=False)} != {s["__key__"] for s in held}
+    inst = write_digit_instructions(tmp_path / "inst", max_images=20)
+    items = json.loads(Path(inst.llava_train).read_text())
+    assert len(items) == 16 and (Path(inst.image_root) / items[0]["image"]).is_file()
+    assert len(load_records([inst.llava_train, inst.alpaca_train])) == 16 + inst.counts["alpaca_train"]
