@@ -198,6 +198,8 @@ class CaptionShardDataset(IterableDataset):
             on a requeue so a resumed epoch does not replay the same shard order.
         drop_last: drop a final short batch.
         rank, world_size: override torch.distributed (tests; exotic launchers).
+        max_consecutive_failures: give up (RuntimeError) after this many skips in a row with no good
+            sample in between: the shard spec is wrong, and a resampled stream would otherwise spin forever.
         name: split name used in ``batch["reader"]`` (``"train/3"``), so skip tallies of different
             loaders do not overwrite each other.
     """
@@ -218,6 +220,7 @@ class CaptionShardDataset(IterableDataset):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         name: str = "train",
+        max_consecutive_failures: int = 1000,
     ) -> None:
         super().__init__()
         if resampled and not samples_per_epoch:
@@ -236,6 +239,7 @@ class CaptionShardDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.name = name
+        self.max_consecutive_failures = max_consecutive_failures
         self.epoch = SharedEpoch(0)
         self.counter = SkipCounter()
 
@@ -274,16 +278,31 @@ class CaptionShardDataset(IterableDataset):
         rng = random.Random(seed)
         generator = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
 
+        failures = 0
+
+        def fail(reason: str, detail: str) -> None:
+            nonlocal failures
+            self.counter.add(reason, detail)
+            failures += 1
+            if failures >= self.max_consecutive_failures:
+                raise RuntimeError(
+                    f"{failures} consecutive unreadable shards/samples (last: {reason}: {detail}); "
+                    f"check the shard specification. Counts so far: {self.counter.counts}"
+                )
+
         def on_tar_error(exc: Exception) -> bool:
-            self.counter.add("bad_shard", repr(exc))
+            fail("bad_shard", repr(exc))
             return True
 
         raw = wds.tariterators.tarfile_samples(({"url": u} for u in self.shard_stream(info)), handler=on_tar_error)
         for item in _shuffled(raw, self.shuffle_buffer, rng):
             try:
-                yield self.decoder(item, generator)
+                sample = self.decoder(item, generator)
             except SkipSample as e:
-                self.counter.add(e.reason, str(e))
+                fail(e.reason, str(e))
+                continue
+            failures = 0
+            yield sample
 
     def iter_reader(self, info: ReaderInfo) -> Iterator[dict[str, Any]]:
         """Collated batches for an explicit reader (tests call this to simulate ranks and workers)."""

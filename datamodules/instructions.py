@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.common import resolve_tokenizer
 from ibllm.processing.samples import build_conversation_sample, build_sample, collate
 from ibllm.processing.templates import format_prompt, strip_image_placeholder
 
@@ -219,7 +220,8 @@ class InstructionData(L.LightningDataModule):
     Args:
         train_files: JSON file(s) (Alpaca / LLaVA / ShareGPT, mixed freely) or a YAML ``META`` config.
         val_files: held-out file(s), same formats.
-        tokenizer: object with ``encode(text, bos, eos)``; or call :meth:`set_tokenizer` before setup.
+        tokenizer: object with ``encode(text, bos, eos)``, or a string (LLM preset / GGUF / model folder /
+            tokenizer file) loaded with ``ibllm.build.load_tokenizer_for``; or call :meth:`set_tokenizer`.
         image_root: base directory for relative image paths (default: the JSON file's folder).
         max_words: token limit (512 in stage 2).
         batch_size, num_workers: per-rank loader settings (training drops the last short batch).
@@ -268,20 +270,26 @@ class InstructionData(L.LightningDataModule):
         self.train_dataset: Optional[InstructionDataset] = None
         self.val_dataset: Optional[InstructionDataset] = None
 
+    def get_tokenizer(self) -> Any:
+        """The tokenizer object (a string given at construction is loaded here, once)."""
+        if self.tokenizer is None:
+            raise RuntimeError(f"{type(self).__name__} needs a tokenizer: pass tokenizer= or call set_tokenizer()")
+        self.tokenizer = resolve_tokenizer(self.tokenizer)
+        return self.tokenizer
+
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Provide the tokenizer before ``setup``."""
         self.tokenizer = tokenizer
 
     def build_dataset(self, files: Any, train: bool) -> InstructionDataset:
         """Load ``files`` into an :class:`InstructionDataset` (train or eval transform)."""
-        if self.tokenizer is None:
-            raise RuntimeError("InstructionData needs a tokenizer: pass tokenizer= or call set_tokenizer()")
+        tokenizer = self.get_tokenizer()
         records = load_records(files, self.image_root, self.official_first_turn)
         if not records:
             raise ValueError(f"no usable instruction items in {files!r}")
         return InstructionDataset(
             records,
-            self.tokenizer,
+            tokenizer,
             max_words=self.max_words,
             image_size=self.image_size,
             train_transform=train and self.train_transform,

@@ -29,13 +29,15 @@ UrlSpec = Union[str, Path, Sequence[Union[str, Path]]]
 def expand_urls(spec: UrlSpec) -> list[str]:
     """Expand a shard spec into a flat list of URLs/paths.
 
-    Accepts a brace pattern (``data/{00000..00099}.tar``), several patterns joined with ``::``, a list
-    file (suffix ``.txt``/``.list``/``.lst``/``.shards``, one spec per line, ``#`` comments allowed),
+    Accepts a brace pattern (``data/{00000..00099}.tar``), several patterns joined with ``::``, a
+    directory (its ``*.tar`` files, sorted), a list file (suffix ``.txt``/``.list``/``.lst``/``.shards``, one spec per line, ``#`` comments allowed),
     or a list of any of these.
     """
     if isinstance(spec, (list, tuple)):
         return [u for item in spec for u in expand_urls(item)]
     spec = str(spec)
+    if os.path.isdir(spec):
+        return sorted(str(p) for p in Path(spec).glob("*.tar"))
     if spec.endswith(LIST_FILE_SUFFIXES) and os.path.isfile(spec):
         lines = Path(spec).read_text().splitlines()
         return expand_urls([ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")])

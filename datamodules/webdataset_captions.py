@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules.captions import CaptionDecoder, CaptionShardDataset, SkipTally, make_loader
+from datamodules.common import resolve_tokenizer
 from datamodules.shards import parse_sources, restart_count
 
 log = logging.getLogger(__name__)
@@ -18,11 +19,13 @@ class WebDatasetCaptions(L.LightningDataModule):
     """Image–caption pairs from shards in the img2dataset layout (``KEY.jpg`` + ``KEY.txt`` [+ json, npy]).
 
     Args:
-        train: shard spec: brace pattern(s) (``::``-joined allowed), a list file, a list of those, or
+        train: shard spec: brace pattern(s) (``::``-joined allowed), a directory of ``*.tar``, a list
+            file, a list of those, or
             weighted sources ``[{"urls": ..., "weight": ...}, ...]``.
         val: shard spec for the held-out loader (read once per validation, no resampling).
-        tokenizer: object with ``bos_id``, ``eos_id``, ``encode(text, bos, eos)`` (may be set later
-            with :meth:`set_tokenizer`, before ``setup``).
+        tokenizer: object with ``bos_id``, ``eos_id``, ``encode(text, bos, eos)``, or a string (LLM
+            preset / GGUF / model folder / tokenizer file) loaded with ``ibllm.build.load_tokenizer_for``;
+            may also be set later with :meth:`set_tokenizer`, before ``setup``.
         samples_per_epoch: training "epoch" length over all ranks (open_clip style).
         batch_size: per-rank batch size.
         num_workers: DataLoader workers per rank.
@@ -86,15 +89,20 @@ class WebDatasetCaptions(L.LightningDataModule):
         self.train_dataset: Optional[CaptionShardDataset] = None
         self.val_dataset: Optional[CaptionShardDataset] = None
 
+    def get_tokenizer(self) -> Any:
+        """The tokenizer object (a string given at construction is loaded here, once)."""
+        if self.tokenizer is None:
+            raise RuntimeError(f"{type(self).__name__} needs a tokenizer: pass tokenizer= or call set_tokenizer()")
+        self.tokenizer = resolve_tokenizer(self.tokenizer)
+        return self.tokenizer
+
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Provide the tokenizer (e.g. from the LightningModule) before ``setup``."""
         self.tokenizer = tokenizer
 
     def _decoder(self, train: bool) -> CaptionDecoder:
-        if self.tokenizer is None:
-            raise RuntimeError("WebDatasetCaptions needs a tokenizer: pass tokenizer= or call set_tokenizer()")
         return CaptionDecoder(
-            self.tokenizer,
+            self.get_tokenizer(),
             max_words=self.max_words,
             image_size=self.image_size,
             train_transform=train and self.train_transform,

@@ -45,12 +45,14 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------------
 
 
-def safe_load(path: PathLike, what: str = "checkpoint") -> dict[str, Any]:
+def safe_load(path: PathLike, what: str = "checkpoint", mmap: bool = True) -> dict[str, Any]:
     """Load a ``.safetensors`` file or a PyTorch pickle without ever executing code from it.
 
     ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
-    on the CPU, memory-mapped when the file format allows. A missing, corrupt or code-carrying file
-    raises :class:`CheckpointError` naming the file and ``what`` it was supposed to be.
+    on the CPU, memory-mapped (``mmap``) when the file format allows. A missing, corrupt or code-carrying
+    file raises :class:`CheckpointError` naming the file and ``what`` it was supposed to be.
+    While memory-mapped tensors are alive, replace the file only with :func:`save_atomic` (a new inode),
+    never by writing it in place: truncating a mapped file crashes the process (SIGBUS).
     """
     p = Path(path)
     if not p.exists():
@@ -59,7 +61,7 @@ def safe_load(path: PathLike, what: str = "checkpoint") -> dict[str, Any]:
         raise CheckpointError(f"{what} path is not a file: {p}")
     if p.suffix == ".safetensors":
         return _load_safetensors(p, what)
-    return _torch_load(p, what)
+    return _torch_load(p, what, mmap)
 
 
 def _load_safetensors(p: Path, what: str) -> dict[str, Tensor]:
@@ -71,14 +73,14 @@ def _load_safetensors(p: Path, what: str) -> dict[str, Tensor]:
         raise CheckpointError(f"cannot read {what} file {p}: not a valid safetensors file ({e})") from e
 
 
-def _torch_load(p: Path, what: str) -> dict[str, Any]:
+def _torch_load(p: Path, what: str, mmap: bool) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             try:
-                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
             except RuntimeError as e:
-                if "mmap" not in str(e):
+                if not mmap or "mmap" not in str(e):
                     raise
                 obj = torch.load(p, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:

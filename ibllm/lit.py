@@ -95,8 +95,9 @@ class ImageBindLLMModule(L.LightningModule):
         bsz = batch["tokens"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
         self._log_throughput(batch)
-        if "skipped" in batch:
-            self.log("data/skipped_samples", float(batch["skipped"]), batch_size=bsz)
+        skipped = getattr(self.trainer.datamodule, "skipped", None) if self.trainer.datamodule else None
+        for reason, count in (skipped or {}).items():
+            self.log(f"data/skipped_{reason}", float(count), batch_size=bsz)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -193,10 +194,33 @@ def load_trainable(model: ImageBindLLM, path: str | Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+PLACEHOLDER = "FILL_IN"
+
+
+def unfilled_placeholders(config: Any, path: str = "") -> list[str]:
+    """Dotted keys of ``config`` (nested Namespaces / dicts / lists) whose value still starts with FILL_IN."""
+    if hasattr(config, "__dict__") and not isinstance(config, (str, bytes)):
+        config = vars(config)
+    if isinstance(config, dict):
+        return [k for key, value in config.items() for k in unfilled_placeholders(value, f"{path}.{key}" if path else str(key))]
+    if isinstance(config, (list, tuple)):
+        return [k for i, value in enumerate(config) for k in unfilled_placeholders(value, f"{path}[{i}]")]
+    return [path] if isinstance(config, str) and config.startswith(PLACEHOLDER) else []
+
+
 def run_lightning_cli(argv: list[str]) -> None:
     """``python -m ibllm fit --config X.yaml [--dotted.flags]`` via LightningCLI (OmegaConf interpolation on)."""
+    import sys
+
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(ImageBindLLMModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 args=argv, parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
-                 auto_configure_optimizers=False)
+    class CLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            missing = unfilled_placeholders(self.config[self.subcommand] if self.subcommand else self.config)
+            if missing:
+                raise SystemExit("the experiment still has placeholder values; set them in the YAML or with "
+                                 "flags:\n  " + "\n  ".join(f"--{key}" for key in missing))
+
+    CLI(ImageBindLLMModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        args=None if argv == sys.argv[1:] else argv, parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False)

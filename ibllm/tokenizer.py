@@ -181,7 +181,10 @@ def tokenizer_from_gguf(path: PathLike) -> HFTokenizer:
     if len(vocab) != len(tokens):
         log.warning("GGUF file %s: %d duplicate token strings; the first id of each is used",
                     path, len(tokens) - len(vocab))
-    tok = _Tok(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        tok = _Tok(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # tokenizers raises a bare Exception for inconsistent merges
+        raise CheckpointError(f"GGUF file {path}: invalid BPE tokenizer metadata ({e})") from e
     tok.pre_tokenizer = _byte_level_pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre", "default"))
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 
@@ -79,6 +78,10 @@ def test_expand_urls(tmp_path) -> None:
     lst.write_text("a/{0..2}.tar\n# comment\nb.tar\n")
     assert expand_urls(str(lst)) == ["a/0.tar", "a/1.tar", "a/2.tar", "b.tar"]
     assert expand_urls("x/{00..01}.tar::y.tar") == ["x/00.tar", "x/01.tar", "y.tar"]
+    (tmp_path / "dir").mkdir()
+    for name in ("b.tar", "a.tar", "c.txt"):
+        (tmp_path / "dir" / name).write_bytes(b"")
+    assert expand_urls(tmp_path / "dir") == [str(tmp_path / "dir" / "a.tar"), str(tmp_path / "dir" / "b.tar")]
     src = parse_sources([{"urls": "a/{0..1}.tar", "weight": 3}, {"urls": ["c.tar"], "weight": 1}])
     assert [s.weight for s in src] == [3.0, 1.0] and src[0].urls == ["a/0.tar", "a/1.tar"]
 
@@ -144,6 +147,13 @@ def test_resampled_order_depends_on_epoch_seed_reader(tmp_path) -> None:
     loader.sampler.set_epoch(5)
     assert dm.train_dataset.epoch.get() == 5
     assert len(loader) == 16
+
+
+def test_hopeless_spec_fails_loudly(tmp_path) -> None:
+    ds = module(train=str(tmp_path / "nope{0..1}.tar"), samples_per_epoch=8).build_train_dataset()
+    ds.max_consecutive_failures = 20
+    with pytest.raises(RuntimeError, match="consecutive unreadable"):
+        next(ds.iter_reader(ReaderInfo()))
 
 
 def test_weighted_sources(tmp_path) -> None:

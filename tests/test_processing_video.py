@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ibllm.processing import CLIP_MEAN, CLIP_STD, MediaError, load_audio, load_modality, load_video
+from ibllm.processing import video as video_mod
 from ibllm.processing.video import clip_timepoints, crop_offsets, short_side_scale
 
 MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1, 1)
@@ -153,3 +154,17 @@ def test_errors(tmp_path):
     ok = write_video(tmp_path / "ok.mp4", ramp_frames(5))
     with pytest.raises(MediaError, match=r"video item 1 .*bad\.mp4"):
         load_modality("video", [ok, bad])
+
+
+def test_long_video_seeks_to_the_same_frames(tmp_path, monkeypatch):
+    fps, n = 5, 200  # 40 s: clip starts 0, 9.5, 19, 28.5, 38 -> gaps worth seeking over
+    frames = [np.full((32, 48, 3), (7 * i) % 250, np.uint8) for i in range(n)]
+    p = write_video(tmp_path / "long.mp4", frames, fps=fps)
+    levels = decoded_levels(p)
+    seeked = load_video(p)
+    monkeypatch.setattr(video_mod, "SEEK_GAP_S", 1e9)
+    assert torch.equal(seeked, load_video(p))
+    for k, (s, e) in enumerate(clip_timepoints(40.0, 2.0, 5)):
+        idx = [i for i in range(n) if s <= Fraction(i, fps) < e]
+        want = torch.tensor([levels[idx[0]], levels[idx[-1]]], dtype=torch.float32)
+        torch.testing.assert_close(view_level(seeked[3 * k + 1]), want, atol=0.05, rtol=0)

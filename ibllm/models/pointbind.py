@@ -92,6 +92,7 @@ class MiniPointNet(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, groups: Tensor) -> Tensor:
+        """``groups [B, G, k, 3]`` (centre-relative) -> ``[B, G, out_dim]``."""
         b, g, k, _ = groups.shape
         x = self.first_conv(groups.reshape(b * g, k, 3).transpose(1, 2))  # [BG, 256, k]
         pooled = x.max(dim=2, keepdim=True)[0]
@@ -118,6 +119,8 @@ class PointAttention(nn.Module):
 
 
 class PointMlp(nn.Module):
+    """``fc1 -> GELU (erf) -> fc2``."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -153,6 +156,7 @@ class PointTransformerBlocks(nn.Module):
         self.blocks = nn.ModuleList(PointBlock(dim, num_heads, r) for r in rates)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        """``x``, ``pos`` ``[B, 1 + G, D]`` -> ``[B, 1 + G, D]``."""
         for block in self.blocks:
             x = block(x + pos)
         return x

@@ -59,62 +59,112 @@ def crop_offsets(height: int, width: int, size: int = 224) -> list[tuple[int, in
     return [(y0, 0), (y0, x0), (y0, width - size)]
 
 
+SEEK_GAP_S = 3.0  # seek forward instead of decoding through gaps longer than this between clips
+
+
+class _SeekMiss(Exception):
+    """A seek landed after the requested time (imprecise index): redo without seeking."""
+
+
+def _clip_groups(clips: list[tuple[Fraction, Fraction]]) -> list[tuple[Fraction, Fraction, list[int]]]:
+    """Merge overlapping clips (sorted by start) into ``(start, end, clip indices)`` decode ranges."""
+    groups: list[tuple[Fraction, Fraction, list[int]]] = []
+    for k, (s, e) in enumerate(clips):
+        if groups and s < groups[-1][1]:
+            gs, ge, members = groups[-1]
+            groups[-1] = (gs, max(ge, e), members + [k])
+        else:
+            groups.append((s, e, [k]))
+    return groups
+
+
+def _scan(container, stream, clips, seek: bool) -> tuple[list, list]:
+    """One forward pass keeping the first and last frame of each clip; seeks over long gaps if ``seek``."""
+    tb = stream.time_base
+    start_pts = stream.start_time or 0
+    first: list = [None] * len(clips)
+    last: list = [None] * len(clips)
+    frames = container.decode(stream)
+    pending, decoded_until = None, Fraction(0)
+    for gs, ge, members in _clip_groups(clips):
+        check_landing = False
+        if seek and gs - decoded_until > SEEK_GAP_S:
+            container.seek(int(gs / tb) + start_pts, stream=stream, backward=True, any_frame=False)
+            frames, pending, check_landing = container.decode(stream), None, True
+        while True:
+            if pending is None:
+                pending = next(frames, None)
+                if pending is None:
+                    return first, last
+                if pending.pts is None:
+                    pending = None
+                    continue
+            t = Fraction(pending.pts - start_pts) * tb
+            if check_landing and t > gs:
+                raise _SeekMiss
+            check_landing = False
+            if t >= ge:
+                break  # keep the frame for the next group
+            for k in members:
+                s, e = clips[k]
+                if s <= t < e:
+                    if first[k] is None:
+                        first[k] = pending
+                    last[k] = pending
+            decoded_until, pending = t, None
+    return first, last
+
+
 def _decode_clip_frames(source, clip_duration: float, clips_per_video: int
                         ) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
     """Decode the video stream once and keep the first and last frame of each clip's ``[start, end)``."""
     import av
 
     src = open_source(source, "video", VIDEO_EXTENSIONS if isinstance(source, (str, Path)) else None)
-    try:
-        container = av.open(str(src) if isinstance(src, Path) else src)
-    except Exception as e:  # noqa: BLE001 - any PyAV/FFmpeg failure is a decode error
-        raise MediaError("video", source, f"cannot open video: {e}") from e
-    with container:
-        if not container.streams.video:
-            raise MediaError("video", source, "no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        tb = stream.time_base
-        start_pts = stream.start_time or 0
-        if stream.duration is not None and tb is not None:
-            duration = float(stream.duration * tb)
-        elif container.duration is not None:
-            duration = container.duration / 1_000_000
-        else:
-            duration = None
-        if duration is None or duration <= 0:
-            raise MediaError("video", source, "unknown or zero video duration")
-        clips = clip_timepoints(duration, clip_duration, clips_per_video)
-        last_end = max(e for _, e in clips)
-        first: list = [None] * len(clips)
-        last: list = [None] * len(clips)
+
+    def open_container():
+        if hasattr(src, "seek"):
+            src.seek(0)
         try:
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                t = Fraction(frame.pts - start_pts) * tb if tb is not None else Fraction(frame.time)
-                if t >= last_end:
-                    break
-                for k, (s, e) in enumerate(clips):
-                    if s <= t < e:
-                        if first[k] is None:
-                            first[k] = frame
-                        last[k] = frame
-        except MediaError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise MediaError("video", source, f"cannot decode video: {e}") from e
-        if any(f is None for f in first):
-            missing = [k for k, f in enumerate(first) if f is None]
-            raise MediaError("video", source, f"no decodable frames in clip(s) {missing}")
-        cache: dict[int, np.ndarray] = {}
+            return av.open(str(src) if isinstance(src, Path) else src)
+        except Exception as e:  # noqa: BLE001 - any PyAV/FFmpeg failure is a decode error
+            raise MediaError("video", source, f"cannot open video: {e}") from e
 
-        def rgb(frame) -> np.ndarray:
-            if id(frame) not in cache:
-                cache[id(frame)] = frame.to_ndarray(format="rgb24")
-            return cache[id(frame)]
+    for seek in (True, False):
+        with open_container() as container:
+            if not container.streams.video:
+                raise MediaError("video", source, "no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / 1_000_000
+            else:
+                duration = 0.0
+            if duration <= 0 or stream.time_base is None:
+                raise MediaError("video", source, "unknown or zero video duration")
+            clips = clip_timepoints(duration, clip_duration, clips_per_video)
+            try:
+                first, last = _scan(container, stream, clips, seek)
+            except _SeekMiss:
+                continue
+            except Exception as e:  # noqa: BLE001
+                if seek:
+                    continue  # some containers cannot seek: retry with a plain sequential decode
+                raise MediaError("video", source, f"cannot decode video: {e}") from e
+            if any(f is None for f in first):
+                missing = [k for k, f in enumerate(first) if f is None]
+                raise MediaError("video", source, f"no decodable frames in clip(s) {missing}")
+            cache: dict[int, np.ndarray] = {}
 
-        return [(rgb(a), rgb(b)) for a, b in zip(first, last)], duration
+            def rgb(frame) -> np.ndarray:
+                if id(frame) not in cache:
+                    cache[id(frame)] = frame.to_ndarray(format="rgb24")
+                return cache[id(frame)]
+
+            return [(rgb(a), rgb(b)) for a, b in zip(first, last)], duration
+    raise AssertionError("unreachable")
 
 
 def load_video(

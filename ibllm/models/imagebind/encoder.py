@@ -86,6 +86,7 @@ class ImageBindModel(nn.Module):
 
     @property
     def frozen(self) -> bool:
+        """Whether :meth:`freeze` was called."""
         return self._frozen
 
     def freeze(self) -> "ImageBindModel":
