@@ -70,31 +70,29 @@ def load_tokenizer_for(source: str, tokenizer: str | None = None):
 
 
 def load_llama_weights(model: ImageBindLLM, state: dict[str, Tensor], source: str = "<state dict>") -> None:
-    """Copy Meta-named base weights into ``model.llama`` (peft's ``base_layer`` names handled here).
+    """Copy Meta-named base weights into ``model.llama`` (peft ``base_layer`` names via the one naming map).
 
     Every base weight of the model must be provided with the right shape; extra keys are errors.
     """
-    from ibllm.checkpoints import CheckpointError
+    from ibllm.checkpoints import CheckpointError, official_to_ours
 
-    targets = {k.replace(".base_layer", ""): k for k in model.llama.state_dict()
-               if "lora_" not in k and not k.endswith(".gate") and not k.endswith(".bias")}
-    current = model.llama.state_dict()
-    unexpected = sorted(set(state) - set(targets))
-    missing = sorted(set(targets) - set(state))
+    renamed = official_to_ours({f"llama.{k}": v for k, v in state.items()}, lora=model.stage == "finetune")
+    current = model.state_dict()
+    required = {k for k in current if k.startswith("llama.") and "lora_" not in k
+                and not k.endswith((".gate", ".bias"))}
     if model.cfg.tie_embeddings:
-        missing = [k for k in missing if k != "output.weight"]
+        required.discard("llama.output.weight")
+    unexpected = sorted(set(renamed) - required - {"llama.output.weight"})
+    missing = sorted(required - set(renamed))
     if unexpected or missing:
         raise CheckpointError(f"{source}: LLaMA weights do not match the model "
                               f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
                               f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
-    renamed = {}
-    for key, tensor in state.items():
-        target = targets[key]
-        if tuple(tensor.shape) != tuple(current[target].shape):
+    for key, tensor in renamed.items():
+        if tuple(tensor.shape) != tuple(current[key].shape):
             raise CheckpointError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(current[target].shape)}")
-        renamed[target] = tensor
-    model.llama.load_state_dict(renamed, strict=False)
+                                  f"the model expects {tuple(current[key].shape)}")
+    model.load_state_dict(renamed, strict=False)
 
 
 def build_encoder(preset: str | ImageBindConfig, weights: str | None = None, modalities: Sequence[str] = ("vision",)):

@@ -708,20 +708,26 @@ def ours_to_official(sd: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def official_to_ours(sd: Mapping[str, Any], lora: bool | None = None) -> dict[str, Any]:
+def official_to_ours(sd: Mapping[str, Any], lora: bool | None = None,
+                     target: Iterable[str] | None = None) -> dict[str, Any]:
     """Rename official keys to ours (peft names); also ``llma`` -> ``llama`` (SPEC §7.5).
 
-    A linear's own ``weight``/``bias`` become ``base_layer.*`` when that linear is LoRA-wrapped: with
-    ``lora=None`` that is inferred per linear from the presence of its ``lora_*`` keys; ``lora=True``
-    wraps every wq..w3 (e.g. to load Meta base weights into a stage-2 model), ``lora=False`` none.
+    A linear's own ``weight``/``bias`` become ``base_layer.*`` when our model wraps that linear with LoRA.
+    Official names are the same in both stages while ours are not, so say which applies: ``target`` (the
+    key names of the model to load into, e.g. ``model.state_dict().keys()``) decides per linear;
+    otherwise ``lora=True`` wraps every wq..w3 (a stage-2 model), ``lora=False`` none (stage 1), and
+    ``lora=None`` wraps exactly the linears whose ``lora_*`` keys are present in ``sd``.
     """
     renamed = {k.replace("llma", "llama"): v for k, v in sd.items()}
-    wrapped = {(m["mod"], m["lin"]) for k in renamed if (m := _OFFICIAL_LORA.fullmatch(k))}
+    if target is not None:
+        wrapped = {(m["mod"], m["lin"]) for k in target if (m := _PEFT_BASE.fullmatch(k))}
+    else:
+        wrapped = {(m["mod"], m["lin"]) for k in renamed if (m := _OFFICIAL_LORA.fullmatch(k))}
     out: dict[str, Any] = {}
     for k, v in renamed.items():
         if m := _OFFICIAL_LORA.fullmatch(k):
             name = f"{m['mod']}.{m['lin']}.lora_{'A' if m['n'] == '1' else 'B'}.default.weight"
-        elif (m := _OFFICIAL_LINEAR.fullmatch(k)) and (lora or (lora is None and (m["mod"], m["lin"]) in wrapped)):
+        elif (m := _OFFICIAL_LINEAR.fullmatch(k)) and _is_wrapped(m["mod"], m["lin"], wrapped, lora, target):
             name = f"{m['mod']}.{m['lin']}.base_layer.{m['param']}"
         else:
             name = k
@@ -729,6 +735,13 @@ def official_to_ours(sd: Mapping[str, Any], lora: bool | None = None) -> dict[st
             raise CheckpointError(f"keys map to the same name {name!r} (duplicate of {k!r})")
         out[name] = v
     return out
+
+
+def _is_wrapped(mod: str, lin: str, wrapped: set[tuple[str, str]], lora: bool | None,
+                target: Iterable[str] | None) -> bool:
+    if target is None and lora is not None:
+        return lora
+    return (mod, lin) in wrapped
 
 
 def official_adapter_shapes(cfg: LLaMAConfig, stage: str) -> dict[str, tuple[int, ...]]:

@@ -619,3 +619,14 @@ def test_load_llama_dispatch_errors(tmp_path):
         load_llama(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="not a LLaMA folder"):
         load_llama(tmp_path)
+
+
+def test_official_to_ours_stage_of_the_target(tiny):
+    """Stage-1 names (plain wq.weight) load into a stage-2 (peft) model when told the target."""
+    stage2 = peft_model(tiny).state_dict()
+    stage1 = {k.replace(".base_layer", ""): v for k, v in stage2.items() if "lora_" not in k}
+    plain = official_to_ours(stage1)
+    assert "llama.layers.0.attention.wq.weight" in plain  # no LoRA keys, no target: names stay plain
+    for mapped in (official_to_ours(stage1, target=stage2.keys()), official_to_ours(stage1, lora=True)):
+        assert set(mapped) <= set(stage2) and "llama.layers.0.attention.wq.base_layer.bias" in mapped
+    assert official_to_ours(ours_to_official(stage2), lora=False)["llama.layers.0.attention.wq.weight"] is not None

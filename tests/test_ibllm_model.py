@@ -37,7 +37,7 @@ def test_lora_with_zero_b_and_zero_bias_is_the_identity():
     stage2 = ImageBindLLM(cfg, stage="finetune")
     from ibllm.checkpoints import ours_to_official, official_to_ours  # the one naming map
     official = ours_to_official(stage1.state_dict())
-    missing, unexpected = stage2.load_state_dict(official_to_ours(official), strict=False)
+    missing, unexpected = stage2.load_state_dict(official_to_ours(official, lora=True), strict=False)
     assert not unexpected
     assert all("lora" in k or "bias" in k for k in missing)
     tokens = torch.randint(0, cfg.vocab_size, (2, 6))
