@@ -318,7 +318,8 @@ def _param_groups(model: nn.Module, trainable: set[str], weight_decay: float) ->
             continue
         plain = p.ndim < 2 or any(s in name for s in ("token_embedding", "pos_embed", "cls_token"))
         (no_decay if plain else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def cosine_schedule(steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -462,22 +463,27 @@ def _pil_bicubic(x: Tensor, a: float = -0.5) -> Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def crop_resize_weights(start: Tensor, length: Tensor, size: int = 224, in_size: int = 224) -> Tensor:
-    """PIL's bicubic resize of the crop ``[start, start + length)`` to ``size`` as matrices ``[B, size, in_size]``.
+def crop_resize_weights(start: Tensor, length: Tensor, size: int = 224, in_size: int = 224,
+                        small: int | None = None) -> Tensor:
+    """PIL's bicubic resize of the crops ``[start, start + length)`` to ``size``, as matrices.
 
-    Row ``i`` holds the normalised weights PIL (``ImagingResample``, bicubic a=-0.5, support 2) gives the
-    source pixels for output pixel ``i``; crops are at most ``in_size`` long (upsampling or identity).
+    Row ``i`` holds the normalised weights PIL (``ImagingResample``: bicubic a=-0.5, support 2, at most 5
+    taps) gives the source pixels for output pixel ``i``; crops are at most ``in_size`` long (upsampling).
+    Returns ``[B, size, in_size]``, or, with ``small``, the weights summed per NEAREST-upscale bin
+    (source pixel ``r`` -> ``r * small // in_size``): ``[B, size, small]``, i.e. ``weights @ U``.
     """
     start = start.double()[:, None, None]
     length = length.double()[:, None, None]
-    out = torch.arange(size, dtype=torch.float64)[None, :, None]
-    src = torch.arange(in_size, dtype=torch.float64)[None, None, :] - start  # position within the crop
-    center = (out + 0.5) * length / size
-    xmin = (center - 2.0 + 0.5).trunc().clamp_min(0)
-    xmax = torch.minimum((center + 2.0 + 0.5).trunc(), length)
-    inside = (src >= xmin) & (src < xmax)
-    w = torch.where(inside, _pil_bicubic(src - center + 0.5), torch.zeros(()))
-    return (w / w.sum(dim=2, keepdim=True)).float()
+    center = (torch.arange(size, dtype=torch.float64)[None, :, None] + 0.5) * length / size
+    xmin = (center - 1.5).trunc().clamp_min(0)
+    xmax = torch.minimum((center + 2.5).trunc(), length)
+    taps = xmin + torch.arange(5, dtype=torch.float64)  # [B, size, 5], positions within the crop
+    w = torch.where(taps < xmax, _pil_bicubic(taps - center + 0.5), torch.zeros(()))
+    w = w / w.sum(dim=2, keepdim=True)
+    source = (start + taps).clamp(0, in_size - 1).long()
+    columns = source * small // in_size if small is not None else source
+    out = torch.zeros(w.shape[0], size, small or in_size, dtype=torch.float64)
+    return out.scatter_add_(2, columns, w).float()
 
 
 def sample_crops(n: int, generator: torch.Generator, size: int = 224, scale: tuple[float, float] = CROP_SCALE,
@@ -514,8 +520,9 @@ def render_digits(pixels: Tensor, crops: Tensor | None = None, size: int = 224) 
     if crops is None:
         return (u @ pixels @ u.t()) / 255.0
     top, left, h, w = crops.unbind(dim=1)
-    cols = crop_resize_weights(left, w, size) @ u  # [B, size, 8]
-    rows = crop_resize_weights(top, h, size) @ u
+    small = pixels.shape[-1]
+    cols = crop_resize_weights(left, w, size, small=small)  # [B, size, 8] = A_w @ U
+    rows = crop_resize_weights(top, h, size, small=small)
     horizontal = (pixels @ cols.transpose(1, 2) + 0.5).floor().clamp(0, 255)  # [B, 8, size]
     return ((rows @ horizontal + 0.5).floor().clamp(0, 255)) / 255.0
 
@@ -595,32 +602,36 @@ class DigitBinding:
 
 
 def digit_eval_fn(pixels: Tensor, labels: Tensor, crops_per_image: int = 3, seed: int = 1234,
-                  fast: bool = True) -> Callable[[ImageBindModel], dict[str, float]]:
+                  fast: bool = True, chunk: int = 128) -> Callable[[ImageBindModel], dict[str, float]]:
     """An ``eval_fn`` giving held-out zero-shot accuracy on the centre view (``acc``) and on
     ``crops_per_image`` seeded stage-1 crops per image (``acc_crop``).
 
     ``fast`` uses :func:`grey_vision_embed`; otherwise the model's own forward on CLIP-normalised RGB.
+    Views are rendered chunk by chunk (never all at once).
     """
     generator = torch.Generator().manual_seed(seed)
-    reps = pixels.repeat_interleave(crops_per_image, dim=0)
-    crops = sample_crops(len(reps), generator)
-    views = {"acc": (render_digits(pixels), labels)}
+    views: dict[str, tuple[Tensor, Tensor | None, Tensor]] = {"acc": (pixels, None, labels)}
     if crops_per_image > 0:
-        views["acc_crop"] = (render_digits(reps, crops), labels.repeat_interleave(crops_per_image))
+        reps = pixels.repeat_interleave(crops_per_image, dim=0)
+        views["acc_crop"] = (reps, sample_crops(len(reps), generator), labels.repeat_interleave(crops_per_image))
     prompts = class_prompts()
+
+    def embed(model: ImageBindModel, grey: Tensor) -> Tensor:
+        return grey_vision_embed(model, grey) if fast else model_embed(model, "vision", grey_to_clip(grey))
 
     def evaluate(model: ImageBindModel) -> dict[str, float]:
         from ibllm.processing.clip_tokenizer import tokenize
 
+        text = F.normalize(model.encode("text", tokenize(prompts))[0].float(), dim=-1)
         result = {}
-        for name, (grey, lab) in views.items():
-            if fast:
-                text = F.normalize(model.encode("text", tokenize(prompts))[0].float(), dim=-1)
-                pred = torch.cat([(grey_vision_embed(model, g) @ text.t()).argmax(dim=1) for g in grey.split(256)])
-                result[name] = float((pred == lab).float().mean())
-            else:
-                images = torch.cat([grey_to_clip(g) for g in grey.split(256)])
-                result[name] = zero_shot_accuracy(model, images, lab, prompts)
+        for name, (pix, crops, lab) in views.items():
+            correct = 0
+            for start in range(0, len(pix), chunk):
+                box = None if crops is None else crops[start:start + chunk]
+                grey = render_digits(pix[start:start + chunk], box)
+                pred = (embed(model, grey) @ text.t()).argmax(dim=1)
+                correct += int((pred == lab[start:start + chunk]).sum())
+            result[name] = correct / len(pix)
         return result
 
     return evaluate
@@ -800,6 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default %(default)s)")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warmup steps (default %(default)s)")
+    parser.add_argument("--config", default=defaults.cfg,
+                        help="ImageBind preset whose vision/text towers are trained (default %(default)s)")
     parser.add_argument("--no-augment", action="store_true", help="train without the stage-1 crop augmentation")
     parser.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
     parser.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: end only)")
@@ -811,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> DemoEncoder:
     """Entry point of ``python -m ibllm bind``; prints a one-line summary and returns the result."""
     args = build_parser().parse_args(argv)
-    recipe = DemoRecipe(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    recipe = DemoRecipe(cfg=args.config, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup=args.warmup, augment=not args.no_augment, bf16=not args.fp32)
     result = build_demo_encoder(args.out, recipe=recipe, force=args.force, progress=not args.quiet,
                                 eval_every=args.eval_every)

@@ -88,7 +88,7 @@ class LLaMAConfig:
 LLAMA_PRESETS: dict[str, LLaMAConfig] = {
     # Tests: a few layers, GQA on, a vocabulary large enough for sentencepiece test models.
     "tiny": LLaMAConfig(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
-                        multiple_of=32, max_seq_len=128, visual_dim=32, lora_rank=4),
+                        multiple_of=32, max_seq_len=256, visual_dim=32, lora_rank=4),
     # Meta LLaMA-7B params.json + the ImageBind-LLM wrapper's max_seq_len (SPEC §2.1).
     "7B": LLaMAConfig(name="7B", dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256,
                       norm_eps=1e-6, max_seq_len=512),

@@ -55,6 +55,7 @@ class SentencePieceTokenizer:
         self.eos_id: int = self.sp.eos_id()
         pad = self.sp.pad_id()
         self.pad_id: int | None = pad if pad >= 0 else None
+        self.add_bos = True  # LLaMA prompts start with BOS (SPEC §1.7)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of ``text``, with BOS/EOS added as the flags say."""

@@ -456,10 +456,13 @@ def test_peft_names_map_to_official(tiny):
     assert "llama.layers.0.attention.wq.lora_A.default.weight" in sd
     assert "llama.layers.1.feed_forward.w2.lora_B.default.weight" in sd
     official = ours_to_official(sd)
-    assert official["llama.layers.0.attention.lora_wq_l1.weight"] is sd["llama.layers.0.attention.wq.lora_A.default.weight"]
-    assert official["llama.layers.1.feed_forward.lora_w2_l2.weight"] is sd["llama.layers.1.feed_forward.w2.lora_B.default.weight"]
-    assert official["llama.layers.0.attention.wq.bias"] is sd["llama.layers.0.attention.wq.base_layer.bias"]
-    assert official["llama.layers.0.attention.wk.weight"] is sd["llama.layers.0.attention.wk.base_layer.weight"]
+    pairs = {
+        "llama.layers.0.attention.lora_wq_l1.weight": "llama.layers.0.attention.wq.lora_A.default.weight",
+        "llama.layers.1.feed_forward.lora_w2_l2.weight": "llama.layers.1.feed_forward.w2.lora_B.default.weight",
+        "llama.layers.0.attention.wq.bias": "llama.layers.0.attention.wq.base_layer.bias",
+        "llama.layers.0.attention.wk.weight": "llama.layers.0.attention.wk.base_layer.weight",
+    }
+    assert all(official[theirs] is sd[mine] for theirs, mine in pairs.items())
     assert list(official_to_ours(official)) == list(sd)
     # peft's own adapter-only export (no ".default.") maps too
     assert "llama.layers.0.attention.lora_wv_l2.weight" in ours_to_official(

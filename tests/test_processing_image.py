@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -156,3 +157,7 @@ def test_errors_name_modality_and_file(tmp_path):
     with pytest.raises(MediaError, match=r"image item 0 .*shape"):
         load_modality("image", [torch.zeros(3, 32, 32)])
     assert not math.isnan(load_image(good).sum().item())
+    with pytest.raises(MediaError, match=r"image \('<19 bytes>'\): cannot decode") as ei:
+        load_image(b"not an image at all")
+    again = pickle.loads(pickle.dumps(ei.value))  # crosses DataLoader worker boundaries intact
+    assert str(again) == str(ei.value) and again.modality == "image"

@@ -39,7 +39,7 @@ def test_formats_agree(tmp_path):
     torch.save(torch.from_numpy(pts).float(), files["pt"])
     np.savetxt(files["xyz"], pts)
     files["pts"].write_text(f"{len(pts)}\n" + "\n".join(" ".join(map(str, p)) + " 0 0 0" for p in pts))
-    files["txt"].write_text("# x,y,z\n" + "\n".join(",".join(map(str, p)) for p in pts))
+    files["txt"].write_text("x,y,z\n" + "\n".join(",".join(map(str, p)) for p in pts))
     files["obj"].write_text("# obj\n" + "\n".join(f"v {p[0]} {p[1]} {p[2]}" for p in pts) + "\nf 1 2 3\n")
     files["pcd"].write_text("# .PCD v0.7\nVERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\n"
                             f"WIDTH {len(pts)}\nHEIGHT 1\nPOINTS {len(pts)}\nDATA ascii\n"

@@ -24,7 +24,7 @@ def trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
 
 def captions(sp_model, caption_shards) -> WebDatasetCaptions:
     return WebDatasetCaptions(train=caption_shards, tokenizer=sp_model, batch_size=2, num_workers=0,
-                              samples_per_epoch=8, max_words=48, image_size=224, shuffle_buffer=4)
+                              samples_per_epoch=8, max_words=160, image_size=224, shuffle_buffer=4)
 
 
 def pretrain_module(sp_model, **kwargs) -> PretrainModule:
@@ -70,7 +70,7 @@ class Interrupt(L.Callback):
 def test_interrupted_run_saves_and_resumes(tmp_path, sp_model, caption_shards):
     saver = OnExceptionCheckpoint(dirpath=str(tmp_path / "interrupt"), filename="interrupted")
     t = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
-                  enable_checkpointing=False, callbacks=[Interrupt(), saver], default_root_dir=str(tmp_path))
+                  callbacks=[Interrupt(), saver], default_root_dir=str(tmp_path))
     first = pretrain_module(sp_model)
     t.fit(first, datamodule=captions(sp_model, caption_shards))
     assert t.interrupted
@@ -88,7 +88,7 @@ def test_stage2_starts_from_stage1(tmp_path, sp_model, caption_shards, instructi
     stage2 = FinetuneModule(llm="tiny", tokenizer=sp_model, imagebind="tiny", lr=5e-3,
                             init_from=str(tmp_path / "s1" / "ckpt" / "last.ckpt"))
     data = InstructionData(train_files=[instruction_files["alpaca"], instruction_files["llava"]], tokenizer=sp_model,
-                           max_words=64, batch_size=2, num_workers=0)
+                           max_words=160, batch_size=2, num_workers=0)
     trainer(tmp_path / "s2", 3).fit(stage2, datamodule=data)
     # stage-1 parameters came over and stayed frozen
     for name, value in stage1.model.state_dict().items():
@@ -103,7 +103,7 @@ def test_stage2_starts_from_stage1(tmp_path, sp_model, caption_shards, instructi
 def test_resuming_the_wrong_stage_is_refused(tmp_path, sp_model, caption_shards, instruction_files):
     trainer(tmp_path, 1).fit(pretrain_module(sp_model), datamodule=captions(sp_model, caption_shards))
     stage2 = FinetuneModule(llm="tiny", tokenizer=sp_model, imagebind="tiny")
-    data = InstructionData(train_files=instruction_files["alpaca"], tokenizer=sp_model, max_words=64,
+    data = InstructionData(train_files=instruction_files["alpaca"], tokenizer=sp_model, max_words=160,
                            batch_size=2, num_workers=0)
     with pytest.raises(ValueError, match="stage 'pretrain'"):
         trainer(tmp_path / "x", 2).fit(stage2, datamodule=data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))

@@ -278,6 +278,8 @@ def load_audio(
 
     Decode (float in [-1,1], all channels), resample to ``sample_rate`` with :func:`resample`, then
     :func:`waveform_to_clips`. Defaults give ``[3,1,128,204]``; a 2 s clip has 198 fbank frames.
+    Silence gives finite features (``log(eps)``); audio shorter than one 25 ms window gives only padding;
+    a file with no samples at all raises :class:`MediaError`.
     """
     wave, sr = read_audio(source)
     if wave.shape[-1] == 0:

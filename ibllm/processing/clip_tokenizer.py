@@ -129,8 +129,9 @@ class ClipTokenizer:
         out = torch.zeros(len(texts), context_length, dtype=torch.long)
         for row, text in enumerate(texts):
             ids = [self.sot_token, *self.encode(text), self.eot_token]
-            if len(ids) > context_length:
-                ids = ids[: context_length - 1] + [self.eot_token] if self.keep_eot_on_truncate else ids[:context_length]
+            if len(ids) > context_length and self.keep_eot_on_truncate:
+                ids = ids[: context_length - 1] + [self.eot_token]
+            ids = ids[:context_length]
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 

@@ -83,7 +83,7 @@ def open_rgb(source: ImageSource, background: tuple[int, int, int] | None = WHIT
 
 def to_tensor(img: Image.Image) -> Tensor:
     """PIL RGB -> float tensor ``[3,H,W]`` in [0,1] (torchvision ``ToTensor``)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 

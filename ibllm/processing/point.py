@@ -25,7 +25,18 @@ def _read_text_columns(text: str) -> np.ndarray:
             rows.append(fields[:3])
     if not rows:
         return np.zeros((0, 3), np.float32)
-    return np.asarray(rows, dtype=np.float64)
+    try:
+        return np.asarray(rows, dtype=np.float64)
+    except ValueError:  # a non-numeric heading row such as "x y z": drop rows that do not parse
+        return np.asarray([r for r in rows if _is_numeric(r)], dtype=np.float64).reshape(-1, 3)
+
+
+def _is_numeric(fields: list[str]) -> bool:
+    try:
+        [float(f) for f in fields]
+    except ValueError:
+        return False
+    return True
 
 
 def _read_obj(text: str) -> np.ndarray:
