@@ -258,7 +258,7 @@ def bind_towers(
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
-        history.loss.append(float(loss))
+        history.loss.append(loss.item())
         history.batch_acc.append(acc)
         if eval_fn is not None and eval_every > 0 and (step + 1) % eval_every == 0 and step + 1 < steps:
             history.evals.append({"step": step + 1, **_evaluate(model, eval_fn)})

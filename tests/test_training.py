@@ -72,8 +72,8 @@ def test_interrupted_run_saves_and_resumes(tmp_path, sp_model, caption_shards):
     t = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
                   callbacks=[Interrupt(), saver], default_root_dir=str(tmp_path))
     first = pretrain_module(sp_model)
-    t.fit(first, datamodule=captions(sp_model, caption_shards))
-    assert t.interrupted
+    with pytest.raises(SystemExit):  # Lightning exits after its on_exception hooks ran (Ctrl-C semantics)
+        t.fit(first, datamodule=captions(sp_model, caption_shards))
     saved = torch.load(tmp_path / "interrupt" / "interrupted.ckpt", weights_only=False)
     assert saved["global_step"] == 2
     second = pretrain_module(sp_model)
