@@ -9,7 +9,7 @@ about Lightning. State-dict layout (SPEC §2.11): ``llama.*``, ``image_bind.*`` 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -88,24 +88,27 @@ class ImageBindLLM(nn.Module):
         available = getattr(self.image_bind, "modalities", None)
         if available is not None and branch not in available:
             raise ValueError(f"the encoder has no {branch!r} branch (loaded: {', '.join(available)})")
-        return self.image_bind({branch: tensor})[branch].float()
+        device = self.prefix_query.weight.device
+        return self.image_bind({branch: tensor.to(device)})[branch].float()
 
     @torch.no_grad()
-    def encode(self, inputs: Mapping[str, Tensor | tuple[Tensor, float]], cache: VisualCache | None = None) -> Tensor:
+    def encode(self, inputs: Mapping[str, Any], cache: VisualCache | None = None) -> Tensor:
         """Mix several modality inputs into one ``[B,C]`` embedding (SPEC §6.1 steps 1–4).
 
         ``inputs`` maps a modality (image, video, audio, text, point, depth, thermal, imu) to a batch
-        tensor or ``(tensor, weight)``; each entry is encoded separately, L2-normalised and mixed. With
-        ``cache`` the mix is enhanced by the visual cache.
+        tensor, a list of files (one per batch row; loaded by :func:`ibllm.processing.load_modality`), or
+        either of those paired with a weight: ``{"image": ["a.jpg"], "audio": (["b.wav"], 0.6)}``. Each
+        entry is encoded separately, L2-normalised and mixed with normalised weights. With ``cache`` the
+        mix is enhanced by the visual cache.
         """
         if not inputs:
             raise ValueError("no inputs to encode")
         embeddings, weights = [], []
         for modality, value in inputs.items():
-            tensor, weight = value if isinstance(value, tuple) else (value, 1.0)
             if modality not in MODALITY_BRANCH:
                 raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(MODALITY_BRANCH)}")
-            embeddings.append(self.encode_branch(MODALITY_BRANCH[modality], tensor))
+            items, weight = value if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], (int, float)) else (value, 1.0)
+            embeddings.append(self.encode_branch(MODALITY_BRANCH[modality], as_batch(modality, items)))
             weights.append(float(weight))
         mixed = mix_embeddings(embeddings, weights)
         return cache.enhance(mixed) if cache is not None else mixed
@@ -156,6 +159,15 @@ class ImageBindLLM(nn.Module):
         if visual is None and (image is not None or feature is not None):
             visual = self.visual_token(image=image, feature=feature)
         return self.llama(tokens, self.adapters(visual, inject))
+
+
+def as_batch(modality: str, items: Any) -> Tensor:
+    """A batch tensor for ``modality``: tensors pass through, files / bytes / strings are loaded."""
+    if isinstance(items, Tensor):
+        return items
+    from ibllm.processing import load_modality
+
+    return load_modality("image" if modality == "vision" else modality, list(items))
 
 
 def freeze(module: nn.Module) -> nn.Module:
