@@ -92,6 +92,23 @@ def multi_positive_infonce(logits: Tensor, positives: Tensor) -> Tensor:
     return 0.5 * (one_side(logits, pos) + one_side(logits.t(), pos.t()))
 
 
+def intra_infonce(emb: Tensor, positives: Tensor, scale: Tensor | float) -> Tensor:
+    """Class-aware InfoNCE among one branch's own embeddings ``[N, D]`` (unit norm); self-pairs excluded.
+
+    ``positives`` bool ``[N, N]``; rows without another positive are skipped (zero if none has one).
+    """
+    n = emb.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=emb.device)
+    logits = (scale * emb.float() @ emb.float().t()).masked_fill(eye, float("-inf"))
+    pos = (positives & ~eye).float()
+    count = pos.sum(dim=1)
+    keep = count > 0
+    if not keep.any():
+        return emb.sum() * 0.0
+    logp = logits.log_softmax(dim=1).masked_fill(eye, 0.0)
+    return (-(logp * pos).sum(dim=1)[keep] / count[keep]).mean()
+
+
 def positive_mask(anchor_labels: Tensor, new_labels: Tensor) -> Tensor:
     """``[A, N]`` bool: True where the labels are equal (a label of -1 matches nothing)."""
     return (anchor_labels[:, None] == new_labels[None, :]) & (anchor_labels[:, None] >= 0)
@@ -212,6 +229,8 @@ def bind_towers(
     bf16: bool = True,
     grad_clip: float = 1.0,
     logit_scale: float | None = None,
+    pos_init_scale: float = 0.0,
+    intra_weight: float = 0.0,
     eval_fn: Callable[[ImageBindModel], dict[str, float]] | None = None,
     eval_every: int = 0,
     progress: bool = True,
@@ -236,6 +255,9 @@ def bind_towers(
     cfg = imagebind_preset(cfg) if isinstance(cfg, str) else cfg
     model = _init_model(cfg, anchor, new, anchor_model, seed)
     trainable = _trainable_branches(anchor, new, anchor_model)
+    for branch in trainable:
+        init_patch_pos_embed(model, branch, pos_init_scale)
+    trainable = _trainable_branches(anchor, new, anchor_model)
     params = [p for n, p in model.named_parameters() if _branch_of(n) in trainable]
     for n, p in model.named_parameters():
         p.requires_grad_(_branch_of(n) in trainable)
@@ -252,7 +274,7 @@ def bind_towers(
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule(step)
-        loss, acc = _train_step(model, data, anchor, new, batch_size, generator, bf16, logit_scale)
+        loss, acc = _train_step(model, data, anchor, new, batch_size, generator, bf16, logit_scale, intra_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -293,6 +315,38 @@ def _init_model(cfg: ImageBindConfig, anchor: str, new: str, anchor_model: Image
                         raise ValueError(f"anchor tensor {k}: {tuple(source[k].shape)} vs config {tuple(v.shape)}")
                     v.copy_(source[k])
     return model
+
+
+def sincos_pos_embed(grid: Sequence[int], dim: int) -> Tensor:
+    """2-D sine-cosine positional embedding ``[prod(grid), dim]`` (MAE-style) over the last two grid axes,
+    repeated over any leading axes; rows are unit-RMS."""
+    gh, gw = int(grid[-2]), int(grid[-1])
+    quarter = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter)))
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
+                            indexing="ij")
+    parts = [f(a.reshape(-1, 1) * freq) for a in (ys, xs) for f in (torch.sin, torch.cos)]
+    emb = torch.cat(parts, dim=1)
+    emb = F.pad(emb, (0, dim - emb.shape[1]))
+    lead = math.prod(int(g) for g in grid[:-2])
+    return emb.repeat(lead, 1).float()
+
+
+def init_patch_pos_embed(model: ImageBindModel, branch: str, scale: float) -> bool:
+    """Re-initialise a patch branch's positional embedding (patch part) as ``scale *`` 2-D sine-cosine.
+
+    A freshly initialised ImageBind tower has a tiny random positional embedding (std 0.02), so it starts out
+    almost blind to *where* a patch is; a sine-cosine start lets small towers learn shapes quickly. Returns
+    False (and does nothing) for branches without a patch grid (text, IMU).
+    """
+    pre = model.modality_preprocessors[branch]
+    helper = getattr(pre, "pos_embedding_helper", None)
+    if helper is None or scale <= 0:
+        return False
+    pos = helper.pos_embed
+    with torch.no_grad():
+        pos[0, helper.num_cls:] = scale * sincos_pos_embed(helper.grid, pos.shape[-1]).to(pos.dtype)
+    return True
 
 
 def _branch_of(key: str) -> str | None:
@@ -345,7 +399,8 @@ def branch_logit_scale(model: ImageBindModel, anchor: str, new: str) -> Tensor:
 
 
 def _train_step(model: ImageBindModel, data: BindingTask, anchor: str, new: str, batch_size: int,
-                generator: torch.Generator, bf16: bool, logit_scale: float | None) -> tuple[Tensor, float]:
+                generator: torch.Generator, bf16: bool, logit_scale: float | None,
+                intra_weight: float = 0.0) -> tuple[Tensor, float]:
     xa, xn, mask = data.train_batch(batch_size, generator)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         ea = data.embed(model, anchor, xa)
@@ -353,6 +408,10 @@ def _train_step(model: ImageBindModel, data: BindingTask, anchor: str, new: str,
     scale = branch_logit_scale(model, anchor, new) if logit_scale is None else torch.tensor(float(logit_scale))
     logits = scale * ea.float() @ en.float().t()
     loss = multi_positive_infonce(logits, mask)
+    if intra_weight > 0:
+        # Two new-branch samples are positives when they share a positive anchor (same class).
+        shared = (mask.t().float() @ mask.float()) > 0
+        loss = loss + intra_weight * intra_infonce(en, shared, scale)
     with torch.no_grad():
         acc = mask[torch.arange(len(mask)), logits.argmax(dim=1)].float().mean().item()
     return loss, acc

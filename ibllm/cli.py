@@ -17,6 +17,10 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 DELEGATED_COMMANDS = {
     "demo": ("ibllm.demo", "prepare the embedded demo (digit shards, instructions, stage-0 towers)"),
     "bind": ("ibllm.binding", "stage 0: contrastively bind an ImageBind tower to another (e.g. a new modality)"),
+    "chat": ("ibllm.chat", "interactive multi-turn chat with streaming (/image PATH, /audio PATH, /reset)"),
+    "generate": ("ibllm.inference", "one-shot generation for scripts (--json)"),
+    "export": ("ibllm.export", "export/import adapters: --format official|safetensors|merged"),
+    "features": ("ibllm.features", "precompute stage-1 image embeddings (KEY.npy) into copies of caption shards"),
 }
 
 

@@ -144,9 +144,12 @@ class ImageBindLLMModule(L.LightningModule):
         prefix = "model."
         trainable = tuning.trainable_state_dict(self.model, self.stage)
         checkpoint["state_dict"] = {prefix + k: v for k, v in trainable.items()}
+        from ibllm.inference import base_fingerprint
+
         checkpoint["ibllm"] = {"stage": self.stage, "llm": self.hparams.llm, "imagebind": self.hparams.imagebind,
                                "imagebind_weights": self.hparams.imagebind_weights,
-                               "llama_config": self.model.cfg.to_dict()}
+                               "llama_config": self.model.cfg.to_dict(),
+                               "base_fingerprint": base_fingerprint(self.model)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("ibllm", {})
