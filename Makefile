@@ -20,12 +20,13 @@ EXP ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test pretrain finetune clean-demo
+.PHONY: help setup test pretrain finetune chat clean-demo
 
 help:
 	@echo "make test                      set up (venv + install) and run the test suite"
 	@echo "make pretrain [EXP=.. ARGS=..]  stage 1 (default: the embedded CPU demo)"
 	@echo "make finetune [EXP=.. ARGS=..]  stage 2 (default: the embedded CPU demo, after pretrain)"
+	@echo "make chat [ARGS=..]             chat with the demo model (after pretrain / finetune)"
 	@echo "make setup                     only create the environment"
 
 setup: $(STAMP)
@@ -50,3 +51,10 @@ pretrain: setup
 finetune: setup
 	$(if $(EXP),,$(BIN)/python -m ibllm demo prepare)
 	$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_finetune.yaml) $(ARGS)
+
+# The demo model: the stage-2 adapter when `make finetune` has run, else the stage-1 one.
+CHAT_ADAPTER ?= $(firstword $(wildcard runs/demo_finetune/checkpoints/last.ckpt) runs/demo_pretrain/checkpoints/last.ckpt)
+chat: setup
+	@test -f $(CHAT_ADAPTER) || { echo "no demo checkpoint ($(CHAT_ADAPTER)): run make pretrain (and make finetune) first"; exit 1; }
+	$(BIN)/python -m ibllm chat --adapter $(CHAT_ADAPTER) --llama smollm2-135m-instruct \
+		--imagebind data/demo/encoder.safetensors --imagebind-preset demo $(ARGS)

@@ -187,22 +187,6 @@ class EpochSampler:
 # --------------------------------------------------------------------------------------- the trainer
 
 @dataclass
-class BindConfig:
-    """Optimisation settings of :func:`bind_towers`."""
-
-    steps: int = 300
-    lr: float = 2e-3
-    warmup: int = 30
-    min_lr_ratio: float = 0.02
-    weight_decay: float = 0.05
-    batch_size: int = 128
-    seed: int = 0
-    bf16: bool = True
-    grad_clip: float = 1.0
-    logit_scale: float | None = None
-
-
-@dataclass
 class BindHistory:
     """What :func:`bind_towers` measured: per-step loss / in-batch accuracy, periodic evaluations."""
 
@@ -713,6 +697,8 @@ class DemoRecipe:
     batch_size: int = 128
     bf16: bool = True
     augment: bool = True
+    pos_init_scale: float = 1.0
+    intra_weight: float = 1.0
     templates: tuple[str, ...] = CAPTION_TEMPLATES
     version: int = RECIPE_VERSION
 
@@ -770,7 +756,8 @@ def build_demo_encoder(out_path: str | Path, seed: int = 0, *, steps: int | None
     model, history = bind_towers(
         "vision", "text", recipe.cfg, None, task, steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup,
         batch_size=recipe.batch_size, seed=recipe.seed, min_lr_ratio=recipe.min_lr_ratio,
-        weight_decay=recipe.weight_decay, bf16=recipe.bf16, eval_fn=eval_fn, eval_every=eval_every,
+        weight_decay=recipe.weight_decay, bf16=recipe.bf16, pos_init_scale=recipe.pos_init_scale,
+        intra_weight=recipe.intra_weight, eval_fn=eval_fn, eval_every=eval_every,
         progress=progress)
     # Final figures through the model's own forward on CLIP-normalised RGB (what stage 1 will feed it).
     final = digit_eval_fn(pixels[held_idx_t], labels[held_idx_t], fast=False)(model.eval())

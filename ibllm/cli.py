@@ -17,6 +17,8 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 DELEGATED_COMMANDS = {
     "demo": ("ibllm.demo", "prepare the embedded demo (digit shards, instructions, stage-0 towers)"),
     "bind": ("ibllm.binding", "stage 0: contrastively bind an ImageBind tower to another (e.g. a new modality)"),
+    "score": ("ibllm.evaluation.mme", "score answers the official way: `score mme RESULTS_DIR` (per-subtask <task>.txt)"),
+    "evaluate": ("ibllm.evaluation.runner", "evaluate a checkpoint on MME / OCR / VQA / caption / KIE / VisDial data (paper protocols)"),
     "chat": ("ibllm.chat", "interactive multi-turn chat with streaming (/image PATH, /audio PATH, /reset)"),
     "generate": ("ibllm.inference", "one-shot generation for scripts (--json)"),
     "export": ("ibllm.export", "export/import adapters: --format official|safetensors|merged"),

@@ -625,14 +625,32 @@ def load(adapter: PathLike | None = None, llama: str | PathLike | None = None, t
             (False: warn instead).
         merge: fold LoRA into the base weights after loading (faster decoding).
     """
-    from ibllm.build import build_encoder, load_base_llama, load_llama_weights, load_tokenizer_for
+    from ibllm.build import load_tokenizer_for
     from ibllm.checkpoints import CheckpointError
-    from ibllm.models.ibllm import ImageBindLLM
 
     ad = read_adapter(adapter) if adapter is not None else None
-    meta = ad.meta if ad else {}
     if ad is not None and ad.kind == "merged":
         return _load_merged(ad, tokenizer, imagebind, cache, device, dtype, imagebind_preset, modalities, max_seq_len)
+    model, info, llm = build_from_adapter(ad, llama, imagebind, imagebind_preset, modalities, max_seq_len, check_base)
+    meta = ad.meta if ad else {}
+    tok_source = tokenizer or (meta.get("tokenizer") if llama is None else None)
+    try:
+        tok = load_tokenizer_for(llm, tok_source)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        raise ValueError(f"no tokenizer for {llm}: {e}") from None
+    model = _place(model, device, dtype)
+    result = InferenceModel(model, tok, open_cache(cache), info)
+    return result.merge() if merge else result
+
+
+def build_from_adapter(ad: Adapter | None, llama: str | PathLike | None = None, imagebind: PathLike | None = None,
+                       imagebind_preset: str | None = None, modalities: Sequence[str] | None = None,
+                       max_seq_len: int | None = None, check_base: bool = True) -> tuple[nn.Module, dict[str, Any], str]:
+    """The ImageBindLLM (CPU, fp32) of an adapter on its base model and encoder: ``(model, info, llm)``."""
+    from ibllm.build import build_encoder, load_base_llama, load_llama_weights, resolve_llm_path
+    from ibllm.models.ibllm import ImageBindLLM
+
+    meta = ad.meta if ad else {}
     llm = str(llama) if llama is not None else meta.get("llm")
     if llm is None:
         raise ValueError(f"adapter {ad.source if ad else None} does not record its base model: pass llama=PATH")
@@ -655,8 +673,6 @@ def load(adapter: PathLike | None = None, llama: str | PathLike | None = None, t
     _apply_adapter_dims(cfg, ad, encoder, max_seq_len, meta)
     model = ImageBindLLM(cfg, stage=stage, encoder=encoder)
     if base_state is not None:
-        from ibllm.build import resolve_llm_path
-
         load_llama_weights(model, base_state, str(resolve_llm_path(llm)))
         del base_state
     info: dict[str, Any] = {"stage": stage, "llm": llm, "imagebind": ib_file, "imagebind_preset": ib_preset,
@@ -668,14 +684,7 @@ def load(adapter: PathLike | None = None, llama: str | PathLike | None = None, t
             warnings.warn(f"adapter {ad.source} has no bind network / prefix queries (a stage-2 checkpoint whose "
                           "init_from was not found?): they keep their random initialisation", stacklevel=2)
     info["base_fingerprint"] = base_fingerprint(model)
-    tok_source = tokenizer or (meta.get("tokenizer") if llama is None else None)
-    try:
-        tok = load_tokenizer_for(llm, tok_source)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
-        raise ValueError(f"no tokenizer for {llm}: {e}") from None
-    model = _place(model, device, dtype)
-    result = InferenceModel(model, tok, open_cache(cache), info)
-    return result.merge() if merge else result
+    return model, info, llm
 
 
 def _apply_adapter_dims(cfg: Any, ad: Adapter | None, encoder: Any, max_seq_len: int | None,

@@ -1,0 +1,420 @@
+"""Run an evaluation: read the data, generate the answers (all ranks), score them, write the report.
+
+``python -m ibllm evaluate --task mme|ocr|vqa|caption|kie|visdial --data DIR --out OUT [model options]``
+
+* Samples are spread over every rank by Lightning ``predict`` (one process per device; ``--devices 2``
+  on CPU starts two processes). Each rank appends its answers, batch by batch, to
+  ``OUT/answers.rank<R>.jsonl``; rank 0 gathers them into ``OUT/answers.json`` (sample order,
+  deterministic) and removes the partial files.
+* Resumable: a run that finds ``answers.json`` or partial files in ``OUT`` answers only the samples not
+  answered yet (rank 0 decides and broadcasts, so every rank splits the same list).
+* Scores go to ``OUT/metrics.json`` and ``OUT/results.md`` (ours beside the paper's numbers); MME also
+  writes ``OUT/mme_results/<task>.txt`` in the official tool's format (score it with
+  ``python -m ibllm score mme OUT/mme_results``).
+* Decoding follows :mod:`ibllm.evaluation.prompts` (the paper's settings; every one overridable).
+  Sampling (temperature > 0) draws from a generator seeded by ``--seed`` and the batch's first sample
+  id: reruns are identical for the same world size and batch size; with greedy decoding
+  (``--temperature 0``) or ``--batch-size 1`` the answers do not depend on how samples are split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ibllm.evaluation import cider as cider_mod
+from ibllm.evaluation import kie, mme, ocr, visdial, vqa
+from ibllm.evaluation.prompts import EvalSettings, build_prompt
+from ibllm.evaluation.readers import EASY_VQA, TASKS, DataError, Sample, read_task
+
+ANSWERS = "answers.json"
+PARTIAL = "answers.rank{rank}.jsonl"
+PAPER_BY_TASK = {"ocr": ocr.PAPER_OCR, "vqa": vqa.PAPER_VQA, "caption": cider_mod.PAPER_CAPTION, "kie": kie.PAPER_KIE,
+                 "visdial": {"VisDial": visdial.PAPER_VISDIAL_MRR}}
+MAIN_METRIC = {"ocr": "accuracy", "vqa": "accuracy", "caption": "cider", "kie": "f1", "visdial": "mrr"}
+
+
+# ---- generation -----------------------------------------------------------------------------------
+def load_eval_image(path: str, bgr: bool = False, size: int = 224) -> torch.Tensor:
+    """The evaluation transform of one image (resize + centre crop), channels reversed when ``bgr``."""
+    from ibllm.processing.image import image_transform, open_rgb
+
+    img = open_rgb(path)
+    if bgr:
+        img = Image.fromarray(np.ascontiguousarray(np.asarray(img)[..., ::-1]))
+    return image_transform(img, train=False, size=size)
+
+
+def safe_decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Decode ``ids``, dropping ids beyond the tokenizer's vocabulary (padded model vocabularies)."""
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None:
+        ids = [i for i in ids if 0 <= i < vocab]
+    return tokenizer.decode(ids).strip()
+
+
+def _image_size(model: Any) -> int:
+    cfg = getattr(getattr(model, "image_bind", None), "cfg", None)
+    return int(getattr(cfg, "image_size", 224) or 224)
+
+
+@torch.no_grad()
+def answer_batch(model: Any, tokenizer: Any, samples: Sequence[Sample], settings: EvalSettings) -> list[str]:
+    """Generate one answer per sample with the paper's prompt and decoding (``settings``).
+
+    Each row is capped at ``min(new tokens of its task, settings.max_seq_len - prompt length)`` new tokens.
+    """
+    from ibllm.generation import generate_tokens
+
+    if not samples:
+        return []
+    was_training = model.training
+    model.eval()
+    device = model.prefix_query.weight.device
+    images = torch.stack([load_eval_image(s.image, settings.bgr, _image_size(model)) for s in samples])
+    visual = model.visual_token(image=images.to(device))
+    ids = [tokenizer.encode(build_prompt(s, settings), bos=True, eos=False) for s in samples]
+    limit = min(settings.max_seq_len, model.cfg.max_seq_len)
+    budgets = []
+    for s, row in zip(samples, ids):
+        if len(row) >= limit:
+            raise ValueError(f"sample {s.id}: its prompt has {len(row)} tokens, no room under max_seq_len {limit}")
+        budgets.append(min(settings.new_tokens(s.task), limit - len(row)))
+    generator = None
+    if settings.temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(settings.seed * 1_000_003 + zlib.crc32(samples[0].id.encode()))
+    outputs = generate_tokens(model, ids, visual, max(budgets), temperature=settings.temperature,
+                              top_p=settings.top_p, eos_id=tokenizer.eos_id, generator=generator)
+    model.train(was_training)
+    return [safe_decode(tokenizer, out[:budget]) for out, budget in zip(outputs, budgets)]
+
+
+def generate_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], settings: EvalSettings,
+                     batch_size: int = 8, progress: bool = True) -> dict[str, str]:
+    """Answers of every sample, batch by batch on the current process (``{id: answer}``)."""
+    from tqdm import tqdm
+
+    answers: dict[str, str] = {}
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
+        chunk = samples[start : start + batch_size]
+        answers.update(zip([s.id for s in chunk], answer_batch(model, tokenizer, chunk, settings)))
+    return answers
+
+
+# ---- scoring ----------------------------------------------------------------------------------------
+def mme_rows(samples: Sequence[Sample], answers: dict[str, str]) -> dict[str, list[tuple[str, str, str, str]]]:
+    """Official-format rows per subtask: ``(image name, question, gt, response)`` in sample order."""
+    rows: dict[str, list[tuple[str, str, str, str]]] = {}
+    for s in samples:
+        name = s.extra.get("image_name", Path(s.image).name)
+        rows.setdefault(s.subtask or "mme", []).append((name, s.question, s.answers[0], answers[s.id]))
+    return rows
+
+
+def score_answers(task: str, samples: Sequence[Sample], answers: dict[str, str]) -> dict[str, float]:
+    """Metrics of ``task`` over the samples that have answers (percent scale; MME scores out of 200 per subtask).
+
+    caption: ``cider`` (CIDEr-D, raw whitespace words, x100 as the paper), ``cider_ptb`` (tokenised),
+    ``bleu4``, ``rougeL``. vqa: ``accuracy`` (+ ``yes_no_accuracy`` on yes/no questions).
+    """
+    done = [s for s in samples if s.id in answers]
+    if not done:
+        raise ValueError("no answered samples to score")
+    preds = [answers[s.id] for s in done]
+    if task == "mme":
+        rows = {t: [mme.MMERow(*r) for r in rs] for t, rs in mme_rows(done, answers).items()}
+        scores = mme.score_tasks(rows)
+        out = {t: s.score for t, s in scores.items()}
+        out.update({f"{t}_acc": 100 * s.acc for t, s in scores.items()})
+        out.update({f"{t}_acc_plus": 100 * s.acc_plus for t, s in scores.items()})
+        totals = mme.category_totals(scores)
+        if any(t in scores for t in mme.PERCEPTION):
+            out["perception"] = totals["perception"]
+        if any(t in scores for t in mme.COGNITION):
+            out["cognition"] = totals["cognition"]
+        return out
+    if task == "ocr":
+        return {"accuracy": ocr.ocr_accuracy(preds, [s.answers[0] for s in done])}
+    if task == "vqa":
+        out = {"accuracy": vqa.vqa_accuracy(preds, [s.answers for s in done])}
+        yes_no = [(p, s.answers) for p, s in zip(preds, done) if s.answers[0].lower() in ("yes", "no")]
+        if yes_no:
+            out["yes_no_accuracy"] = vqa.vqa_accuracy(*zip(*yes_no))
+        return out
+    if task == "kie":
+        return {"f1": kie.kie_f1(preds, [s.answers[0] for s in done])}
+    if task == "visdial":
+        return {"mrr": visdial.visdial_mrr(preds, [s.options or [] for s in done])}
+    if task == "caption":
+        refs = [s.answers for s in done]
+        out = {"cider": 10 * cider_mod.cider_d(preds, refs, "raw")[0],
+               "cider_ptb": 10 * cider_mod.cider_d(preds, refs, "ptb")[0]}
+        out.update(cider_mod.bleu_rouge(preds, refs))
+        return out
+    raise ValueError(f"unknown task {task!r}")
+
+
+def results_table(task: str, metrics: dict[str, float], dataset: str | None = None) -> str:
+    """Markdown table: metric, ours, the paper's (ImageBind-LLM) where it reported one."""
+    lines = [f"# Evaluation: {task}" + (f" ({dataset})" if dataset else ""), "",
+             "| metric | ours | paper (ImageBind-LLM) |", "| --- | ---: | ---: |"]
+    if task == "mme":
+        paper = mme.PAPER_MME
+        keys = [k for k in (*mme.PERCEPTION, "perception", *mme.COGNITION, "cognition") if k in metrics]
+        keys += [k for k in metrics if k not in keys and not k.endswith(("_acc", "_acc_plus"))]
+        for k in keys:
+            lines.append(f"| {k} | {metrics[k]:.2f} | {paper[k]:.2f} |" if k in paper else f"| {k} | {metrics[k]:.2f} | — |")
+    else:
+        paper_value = PAPER_BY_TASK.get(task, {}).get(dataset or "") if dataset else None
+        for k, v in metrics.items():
+            ref = f"{paper_value:.2f}" if paper_value is not None and k == MAIN_METRIC.get(task) else "—"
+            lines.append(f"| {k} | {v:.2f} | {ref} |")
+        if dataset and paper_value is None:
+            known = ", ".join(PAPER_BY_TASK.get(task, {}))
+            lines += ["", f"The paper reports no {task} number for {dataset!r} (it does for: {known})."]
+    return "\n".join(lines) + "\n"
+
+
+# ---- answers files ----------------------------------------------------------------------------------
+def read_done(out: Path) -> dict[str, str]:
+    """Answers already written in ``out`` (``answers.json`` and any partial rank files)."""
+    done: dict[str, str] = {}
+    path = out / ANSWERS
+    if path.is_file():
+        try:
+            for row in json.loads(path.read_text(encoding="utf-8"))["answers"]:
+                done.setdefault(row["id"], row["answer"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not an answers file of ours ({e}); remove it or pick another --out") from None
+    for part in sorted(out.glob("answers.rank*.jsonl")):
+        for line in part.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by an interruption
+            done.setdefault(row["id"], row["answer"])
+    return done
+
+
+def write_answers(out: Path, task: str, data: str, samples: Sequence[Sample], answers: dict[str, str],
+                  settings: EvalSettings) -> Path:
+    """Write ``answers.json`` (sample order) atomically and remove the partial rank files."""
+    rows = [{**s.to_dict(), "answer": answers[s.id]} for s in samples if s.id in answers]
+    payload = {"task": task, "data": str(data), "settings": asdict(settings), "answers": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / ANSWERS, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    for part in out.glob("answers.rank*.jsonl"):
+        part.unlink()
+    return out / ANSWERS
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file + rename."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+# ---- Lightning --------------------------------------------------------------------------------------
+def _lightning_classes():
+    import lightning as L
+    from torch.utils.data import DataLoader, Dataset
+
+    class SampleList(Dataset):
+        def __init__(self, samples: Sequence[Sample]) -> None:
+            self.samples = list(samples)
+
+        def __len__(self) -> int:
+            return len(self.samples)
+
+        def __getitem__(self, index: int) -> Sample:
+            return self.samples[index]
+
+    class EvalData(L.LightningDataModule):
+        """The samples not answered yet; rank 0 reads ``out`` and broadcasts the list."""
+
+        def __init__(self, samples: Sequence[Sample], out: Path, batch_size: int) -> None:
+            super().__init__()
+            self.samples, self.out, self.batch_size = list(samples), out, batch_size
+            self.pending: list[Sample] = []
+
+        def setup(self, stage: str) -> None:
+            pending_ids = None
+            if self.trainer.is_global_zero:
+                done = read_done(self.out)
+                pending_ids = [s.id for s in self.samples if s.id not in done]
+            pending_ids = set(self.trainer.strategy.broadcast(pending_ids, src=0))
+            self.pending = [s for s in self.samples if s.id in pending_ids]
+
+        def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+            return batch  # samples are paths and strings; answer_batch moves the images
+
+        def predict_dataloader(self) -> DataLoader:
+            return DataLoader(SampleList(self.pending), batch_size=self.batch_size, shuffle=False,
+                              collate_fn=list, num_workers=0)
+
+    class EvalModule(L.LightningModule):
+        """Wraps a loaded model; ``predict_step`` answers a batch and appends it to this rank's file."""
+
+        def __init__(self, model: Any, tokenizer: Any, settings: EvalSettings, out: Path) -> None:
+            super().__init__()
+            self.model, self.tok, self.settings, self.out = model, tokenizer, settings, out
+
+        def predict_step(self, batch: list[Sample], batch_idx: int) -> list[tuple[str, str]]:
+            answers = answer_batch(self.model, self.tok, batch, self.settings)
+            with open(self.out / PARTIAL.format(rank=self.global_rank), "a", encoding="utf-8") as handle:
+                for s, a in zip(batch, answers):
+                    handle.write(json.dumps({"id": s.id, "answer": a}, ensure_ascii=False) + "\n")
+                handle.flush()
+            return list(zip([s.id for s in batch], answers))
+
+        def on_predict_end(self) -> None:
+            self.trainer.strategy.barrier("ibllm-eval-gather")
+
+    return EvalData, EvalModule
+
+
+def predict_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], settings: EvalSettings, out: Path,
+                    batch_size: int = 8, accelerator: str = "auto", devices: int | str = 1,
+                    num_nodes: int = 1, precision: str | None = None) -> bool:
+    """Answer the pending samples over every rank; returns True on global rank 0 (which then gathers)."""
+    import lightning as L
+
+    EvalData, EvalModule = _lightning_classes()
+    multi = (isinstance(devices, int) and devices > 1) or num_nodes > 1 or devices == -1
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                        strategy="ddp" if multi else "auto", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=True, precision=precision,
+                        use_distributed_sampler=True)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer.predict(EvalModule(model, tokenizer, settings, out), datamodule=EvalData(samples, out, batch_size),
+                    return_predictions=False)
+    return trainer.is_global_zero
+
+
+# ---- command ----------------------------------------------------------------------------------------
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(ImageBindLLM, tokenizer) for the evaluation, via :func:`ibllm.inference.load` (seeded: random
+    preset weights are the same in every process)."""
+    from ibllm.inference import load
+
+    torch.manual_seed(args.seed)
+    loaded = load(adapter=args.checkpoint, llama=args.llm, tokenizer=args.tokenizer, imagebind=args.imagebind_weights,
+                  imagebind_preset=args.imagebind, modalities=["vision"], dtype=args.dtype)
+    return loaded.model, loaded.tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m ibllm evaluate``."""
+    p = argparse.ArgumentParser(prog="python -m ibllm evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", required=True, help=f"data folder (layouts: ibllm.evaluation.readers) or {EASY_VQA}[:test|:train]")
+    p.add_argument("--out", default=None, help="output folder (default: eval/<task>)")
+    p.add_argument("--dataset", default=None, help="dataset name for the paper column (e.g. TextVQA, IIIT5K, NoCaps)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint", default=None, help="adapter: our Lightning checkpoint / export, or an official file")
+    m.add_argument("--llm", "--llama", dest="llm", default=None, help="base LLM (default: recorded in the checkpoint)")
+    m.add_argument("--tokenizer", default=None, help="tokenizer file (default: the LLM's)")
+    m.add_argument("--imagebind", default=None, help="ImageBind preset (default: inferred from the weights)")
+    m.add_argument("--imagebind-weights", default=None, help="ImageBind weights (default: recorded in the checkpoint)")
+    m.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    d = p.add_argument_group("decoding (defaults: the paper's)")
+    d.add_argument("--temperature", type=float, default=None, help="default 0.1 (0 = greedy)")
+    d.add_argument("--top-p", type=float, default=None, help="default 0.75")
+    d.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer tokens, default 256")
+    d.add_argument("--max-new-tokens", type=int, default=None, help="default 16 for captions, 256 otherwise")
+    d.add_argument("--bgr", action="store_true", help="feed BGR images like LVLM-eHub's wrapper (a quirk)")
+    d.add_argument("--no-template", action="store_true", help="raw instruction, without the Alpaca template")
+    d.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--accelerator", default="auto")
+    r.add_argument("--devices", default="1", help="devices (= processes) to spread the samples over")
+    r.add_argument("--num-nodes", type=int, default=1)
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> EvalSettings:
+    """:class:`EvalSettings` with the command-line overrides."""
+    return EvalSettings().with_overrides(temperature=args.temperature, top_p=args.top_p, max_seq_len=args.max_seq_len,
+                                         max_new_tokens=args.max_new_tokens, bgr=args.bgr or None,
+                                         template=False if args.no_template else None, seed=args.seed)
+
+
+def summary_lines(task: str, data: str, metrics: dict[str, float]) -> list[str]:
+    """The final ``name: value`` lines (MME totals; the easy-VQA figures of the demo)."""
+    lines = []
+    easy = str(data).startswith(EASY_VQA)
+    if task == "mme":
+        for key in ("perception", "cognition"):
+            if key in metrics:
+                lines.append(f"mme_{key}: {metrics[key]:.2f}")
+        if easy and "easyvqa" in metrics:
+            lines.append(f"easyvqa_mme_style_score: {metrics['easyvqa']:.2f}")
+    elif easy and task == "vqa":
+        lines.append(f"easyvqa_accuracy: {metrics['accuracy'] / 100:.4f}")
+    else:
+        key = MAIN_METRIC[task]
+        lines.append(f"{task}_{key}: {metrics[key]:.2f}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> dict[str, float] | None:
+    """Everything ``evaluate`` does; returns the metrics on rank 0 (None on other ranks)."""
+    settings = settings_from(args)
+    samples = read_task(args.task, args.data, args.limit)
+    out = Path(args.out or f"eval/{args.task}")
+    out.mkdir(parents=True, exist_ok=True)
+    devices: int | str = int(args.devices) if str(args.devices).lstrip("-").isdigit() else args.devices
+    pending = [s for s in samples if s.id not in read_done(out)]
+    print(f"{args.task}: {len(samples)} samples, {len(samples) - len(pending)} already answered in {out}", flush=True)
+    if pending:
+        model, tokenizer = load_model(args)
+        if not predict_answers(model, tokenizer, samples, settings, out, args.batch_size, args.accelerator,
+                               devices, args.num_nodes):
+            return None
+    answers = read_done(out)
+    missing = [s.id for s in samples if s.id not in answers]
+    if missing:
+        raise RuntimeError(f"{len(missing)} samples have no answer after the run (e.g. {missing[:3]})")
+    write_answers(out, args.task, args.data, samples, answers, settings)
+    metrics = score_answers(args.task, samples, answers)
+    if args.task == "mme":
+        mme.write_results_files(mme_rows(samples, answers), out / "mme_results")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    table = results_table(args.task, metrics, args.dataset)
+    write_text_atomic(out / "results.md", table)
+    print(table)
+    print("\n".join(summary_lines(args.task, args.data, metrics)), flush=True)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ibllm evaluate ...``."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
