@@ -44,6 +44,7 @@ def make_adapter(root: Path) -> tuple[Path, Path]:
                 p.normal_(0, 0.01)
     ckpt: dict = {}
     module.on_save_checkpoint(ckpt)
+    ckpt["state_dict"].update({f"model.{k}": p.detach() for k, p in tuning.trainable_parameters(module.model, "pretrain")})
     ckpt["hyper_parameters"] = dict(module.hparams)
     path = root / "adapter.ckpt"
     torch.save(ckpt, path)

@@ -215,6 +215,7 @@ def bind_towers(
     logit_scale: float | None = None,
     pos_init_scale: float = 0.0,
     intra_weight: float = 0.0,
+    stem_lr_scale: float = 1.0,
     eval_fn: Callable[[ImageBindModel], dict[str, float]] | None = None,
     eval_every: int = 0,
     progress: bool = True,
@@ -231,6 +232,12 @@ def bind_towers(
     ``warmup`` steps, cosine decay to ``min_lr_ratio * lr``; bf16 autocast on CPU when ``bf16``. Temperature:
     ImageBind's own logit scale of the non-vision branch (learnable for text) unless ``logit_scale`` fixes it.
     ``eval_fn(model)`` runs every ``eval_every`` steps and at the end (recorded in the history).
+
+    Helpers for training small towers from scratch (all off by default): ``pos_init_scale`` starts trained
+    patch branches from a 2-D sine-cosine positional embedding of that RMS (:func:`init_patch_pos_embed`);
+    ``intra_weight`` adds a class-aware InfoNCE among the new branch's own embeddings (two samples are
+    positives when they share a positive anchor), which keeps a from-scratch text tower from collapsing
+    while the image tower is still uninformative; ``stem_lr_scale`` multiplies the patch stems' learning rate.
     """
     if data is None:
         raise ValueError("bind_towers needs data: a BindingTask such as PairedTensors or DigitBinding")
@@ -245,7 +252,7 @@ def bind_towers(
     params = [p for n, p in model.named_parameters() if _branch_of(n) in trainable]
     for n, p in model.named_parameters():
         p.requires_grad_(_branch_of(n) in trainable)
-    optimizer = torch.optim.AdamW(_param_groups(model, trainable, weight_decay), lr=lr, betas=(0.9, 0.98),
+    optimizer = torch.optim.AdamW(_param_groups(model, trainable, weight_decay, stem_lr_scale), lr=lr, betas=(0.9, 0.98),
                                   eps=1e-6, fused=True)
     schedule = cosine_schedule(steps, warmup, min_lr_ratio)
     generator = torch.Generator().manual_seed(seed)
@@ -257,7 +264,7 @@ def bind_towers(
         _set_branch_mode(model, anchor, train=False)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr * schedule(step)
+            group["lr"] = lr * schedule(step) * group["lr_scale"]
         loss, acc = _train_step(model, data, anchor, new, batch_size, generator, bf16, logit_scale, intra_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -349,14 +356,29 @@ def _set_branch_mode(model: ImageBindModel, branch: str, train: bool) -> None:
             group[branch].train(train)
 
 
-def _param_groups(model: nn.Module, trainable: set[str], weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+STEM_KEYS = ("rgbt_stem.proj", "depth_stem.proj")
+
+
+def _param_groups(model: nn.Module, trainable: set[str], weight_decay: float,
+                  stem_lr_scale: float) -> list[dict[str, Any]]:
+    """AdamW groups: decayed matrices, undecayed vectors/embeddings, and patch stems at ``stem_lr_scale``.
+
+    A patch stem sums ``kernel`` (here 2x28x28x3) inputs, so Adam's per-element step moves its tokens
+    hundreds of times more than a step moves a trunk activation: it gets a smaller learning rate.
+    """
+    decay, no_decay, stem = [], [], []
     for name, p in model.named_parameters():
         if _branch_of(name) not in trainable:
             continue
-        plain = p.ndim < 2 or any(s in name for s in ("token_embedding", "pos_embed", "cls_token"))
-        (no_decay if plain else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if any(k in name for k in STEM_KEYS):
+            stem.append(p)
+        elif p.ndim < 2 or any(s in name for s in ("token_embedding", "pos_embed", "cls_token")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": stem, "weight_decay": weight_decay, "lr_scale": stem_lr_scale}]
     return [g for g in groups if g["params"]]
 
 

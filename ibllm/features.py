@@ -125,17 +125,16 @@ def _read_samples(stream: BinaryIO) -> Iterator[_Sample]:
         yield current
 
 
-def _decode(sample: _Sample, image_size: int) -> torch.Tensor | str:
-    """The eval-transformed image ``[3,S,S]``, or the skip reason (``missing_image``, ``bad_image``)."""
+def _decode(sample: _Sample, image_size: int) -> torch.Tensor | tuple[str, str]:
+    """The eval-transformed image ``[3,S,S]``, or ``(skip reason, detail)`` (``missing_image``, ``bad_image``)."""
     from ibllm.processing.image import load_image
 
     if sample.image is None:
-        return "missing_image"
+        return "missing_image", str(sample.key)
     try:
         return load_image(sample.image[1], train=False, size=image_size)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
-        log.warning("corrupt image %s: %s", sample.image[0], e)
-        return "bad_image"
+        return "bad_image", f"{sample.image[0]}: {e}"
 
 
 def _npy_bytes(feature: np.ndarray) -> bytes:
@@ -195,9 +194,11 @@ class FeatureWriter:
         decode = lambda s: _decode(s, self.image_size)  # noqa: E731
         decoded = list(self.pool.map(decode, batch) if self.pool else map(decode, batch))
         good = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
-        for d in decoded:
-            if isinstance(d, str):
-                report.skipped[d] = report.skipped.get(d, 0) + 1
+        for sample, d in zip(batch, decoded):
+            if isinstance(d, tuple) and sample.key is not None:  # members without a key are not samples
+                n = report.skipped[d[0]] = report.skipped.get(d[0], 0) + 1
+                if n & (n - 1) == 0:  # warn on the 1st, 2nd, 4th ... skip of each reason per shard
+                    log.warning("%s: %s (%s, %d so far in this shard)", report.shard, d[1], d[0], n)
         out: list[np.ndarray | None] = [None] * len(batch)
         if good:
             feats = self.encode(torch.stack([decoded[i] for i in good]))

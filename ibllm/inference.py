@@ -261,10 +261,9 @@ def infer_imagebind(path: PathLike, preset: str | None = None) -> tuple[str, lis
         raise ValueError(f"ImageBind file {path}: no encoder keys found (expected modality_trunks.* etc.)")
     candidates = [preset] if preset else sorted(IMAGEBIND_PRESETS, key=lambda n: (n != "huge", n != "huge_w3d", n))
     for name in candidates:
-        shapes = imagebind_summary(name, modalities if "point" not in modalities or IMAGEBIND_PRESETS[name].point
-                                   else None)["shapes"] if _preset_has(name, modalities) else None
-        if shapes is None:
+        if not _preset_has(name, modalities):
             continue
+        shapes = imagebind_summary(name, modalities)["shapes"]
         if all(k in shapes and list(v.shape) == shapes[k] for k, v in state.items()):
             return name, modalities
     if preset:

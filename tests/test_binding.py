@@ -91,7 +91,7 @@ def test_binding_learns_an_easy_task(digits) -> None:
     eval_fn = B.digit_eval_fn(pixels[300:420], labels[300:420], crops_per_image=1)
     model, history = B.bind_towers("vision", "text", "tiny", None, task, steps=TINY["steps"], lr=TINY["lr"],
                                    warmup=TINY["warmup"], batch_size=TINY["batch_size"], seed=0,
-                                   eval_fn=eval_fn, progress=False)
+                                   pos_init_scale=1.0, intra_weight=1.0, eval_fn=eval_fn, progress=False)
     first, last = np.mean(history.loss[:5]), np.mean(history.loss[-5:])
     assert last < first - 0.2, (first, last)
     # Zero-shot over 10 digit prompts, 3 classes present: chance is at most 1/3.

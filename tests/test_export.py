@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import ibllm
-from ibllm.checkpoints import official_adapter_keys, ours_to_official
+from ibllm.checkpoints import official_adapter_keys
 from ibllm.export import export, main
 from ibllm.inference import read_adapter
 from test_inference import VOCAB, make_tiny_project

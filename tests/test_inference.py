@@ -263,3 +263,18 @@ def test_merge_keeps_outputs(tiny, model):
 def test_missing_adapter_is_clear(tiny):
     with pytest.raises(CheckpointError, match="not found"):
         ibllm.load(adapter=tiny["root"] / "nope.ckpt")
+
+
+def test_infer_huge_and_point_bind_from_shapes(tmp_path):
+    """A few small tensors with the huge layout's shapes suffice to tell huge from huge_w3d (Point-Bind)."""
+    from ibllm.models.imagebind import imagebind_summary
+
+    def small(preset, modalities, n=6):
+        shapes = imagebind_summary(preset, modalities)["shapes"]
+        keys = sorted((k for k in shapes if np.prod(shapes[k]) <= 4096), key=lambda k: k)[:n]
+        return {k: torch.zeros(shapes[k]) for k in keys}
+
+    save_atomic(small("huge", ["vision"]), tmp_path / "h.safetensors")
+    assert infer_imagebind(tmp_path / "h.safetensors") == ("huge", ["vision"])
+    save_atomic({**small("huge", ["vision"]), **small("huge_w3d", ["point"])}, tmp_path / "w3d.safetensors")
+    assert infer_imagebind(tmp_path / "w3d.safetensors") == ("huge_w3d", ["point", "vision"])
