@@ -26,7 +26,9 @@ help:
 	@echo "make test                      set up (venv + install) and run the test suite"
 	@echo "make pretrain [EXP=.. ARGS=..]  stage 1 (default: the embedded CPU demo)"
 	@echo "make finetune [EXP=.. ARGS=..]  stage 2 (default: the embedded CPU demo, after pretrain)"
+	@echo "make pretrain SLURM=1 NODES=4 GPUS_PER_NODE=8 [PARTITION=.. TIME=.. ACCOUNT=..] EXP=..  submit to SLURM"
 	@echo "make chat [ARGS=..]             chat with the demo model (after pretrain / finetune)"
+	@echo "make cache [ARGS=..]            build the visual cache (FAISS) of the demo's training images"
 	@echo "make setup                     only create the environment"
 
 setup: $(STAMP)
@@ -43,14 +45,27 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# SLURM=1 outside an allocation: render experiments/slurm.sbatch (NODES x GPUS_PER_NODE tasks, srun,
+# SIGUSR1 requeue), print it, keep it with the run's logs (<default_root_dir>/slurm/) and submit it with sbatch.
+# Inside an allocation (SLURM_JOB_ID set) the targets just run, as without SLURM.
+NODES ?= 1
+GPUS_PER_NODE ?= 8
+PARTITION ?=
+TIME ?=
+ACCOUNT ?=
+SBATCH_SUBMIT = $(and $(filter 1,$(SLURM)),$(if $(SLURM_JOB_ID),,1))
+# $(call slurm_submit,CONFIG): the submit command
+slurm_submit = $(BIN)/python -m ibllm.slurm --config $(1) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) \
+	--partition "$(PARTITION)" --time "$(TIME)" --account "$(ACCOUNT)" --args '$(ARGS)' $(if $(EXP),,--prepare-demo)
+
 # Without EXP the embedded demo runs: its data and stage-0 towers are built once (data/demo/), then reused.
 pretrain: setup
-	$(if $(EXP),,$(BIN)/python -m ibllm demo prepare)
-	$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_pretrain.yaml) $(ARGS)
+	$(if $(SBATCH_SUBMIT),$(call slurm_submit,$(or $(EXP),experiments/demo_pretrain.yaml)),$(if $(EXP),,$(BIN)/python -m ibllm demo prepare))
+	$(if $(SBATCH_SUBMIT),,$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_pretrain.yaml) $(ARGS))
 
 finetune: setup
-	$(if $(EXP),,$(BIN)/python -m ibllm demo prepare)
-	$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_finetune.yaml) $(ARGS)
+	$(if $(SBATCH_SUBMIT),$(call slurm_submit,$(or $(EXP),experiments/demo_finetune.yaml)),$(if $(EXP),,$(BIN)/python -m ibllm demo prepare))
+	$(if $(SBATCH_SUBMIT),,$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_finetune.yaml) $(ARGS))
 
 # The demo model: the stage-2 adapter when `make finetune` has run, else the stage-1 one.
 CHAT_ADAPTER ?= $(firstword $(wildcard runs/demo_finetune/checkpoints/last.ckpt) runs/demo_pretrain/checkpoints/last.ckpt)
@@ -58,3 +73,10 @@ chat: setup
 	@test -f $(CHAT_ADAPTER) || { echo "no demo checkpoint ($(CHAT_ADAPTER)): run make pretrain (and make finetune) first"; exit 1; }
 	$(BIN)/python -m ibllm chat --adapter $(CHAT_ADAPTER) --llama smollm2-135m-instruct \
 		--imagebind data/demo/encoder.safetensors --imagebind-preset demo $(ARGS)
+
+# The visual cache (SPEC §6.1) of the demo's training images; for CC3M: python -m ibllm cache --shards ... --imagebind huge.
+.PHONY: cache
+cache: setup
+	$(BIN)/python -m ibllm demo prepare
+	$(BIN)/python -m ibllm cache --shards data/demo/shards/train --out data/demo/cache --imagebind demo \
+		--imagebind-weights data/demo/encoder.safetensors $(ARGS)

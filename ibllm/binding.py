@@ -32,7 +32,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -248,12 +248,11 @@ def bind_towers(
     trainable = _trainable_branches(anchor, new, anchor_model)
     for branch in trainable:
         init_patch_pos_embed(model, branch, pos_init_scale)
-    trainable = _trainable_branches(anchor, new, anchor_model)
     params = [p for n, p in model.named_parameters() if _branch_of(n) in trainable]
     for n, p in model.named_parameters():
         p.requires_grad_(_branch_of(n) in trainable)
-    optimizer = torch.optim.AdamW(_param_groups(model, trainable, weight_decay, stem_lr_scale), lr=lr, betas=(0.9, 0.98),
-                                  eps=1e-6, fused=True)
+    groups = _param_groups(model, trainable, weight_decay, stem_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     schedule = cosine_schedule(steps, warmup, min_lr_ratio)
     generator = torch.Generator().manual_seed(seed)
     history = BindHistory()
@@ -446,7 +445,7 @@ def _postfix(history: BindHistory, model: ImageBindModel, new: str, anchor: str,
     post = {
         "loss": f"{np.mean(history.loss[-window:]):.3f}",
         "acc": f"{np.mean(history.batch_acc[-window:]):.3f}",
-        "T": f"{float(logit_scale or branch_logit_scale(model, anchor, new)):.1f}",
+        "T": f"{float(logit_scale or branch_logit_scale(model, anchor, new).item()):.1f}",
     }
     if history.evals:
         post.update({k: f"{v:.3f}" for k, v in history.evals[-1].items() if k != "step"})
@@ -684,6 +683,7 @@ def digit_eval_fn(pixels: Tensor, labels: Tensor, crops_per_image: int = 3, seed
     def embed(model: ImageBindModel, grey: Tensor) -> Tensor:
         return grey_vision_embed(model, grey) if fast else model_embed(model, "vision", grey_to_clip(grey))
 
+    @torch.no_grad()
     def evaluate(model: ImageBindModel) -> dict[str, float]:
         from ibllm.processing.clip_tokenizer import tokenize
 
@@ -711,7 +711,7 @@ class DemoRecipe:
     cfg: str = "demo"
     seed: int = 0
     heldout_fraction: float = 0.2
-    steps: int = 360
+    steps: int = 500
     lr: float = 2e-3
     warmup: int = 30
     min_lr_ratio: float = 0.02
@@ -721,6 +721,7 @@ class DemoRecipe:
     augment: bool = True
     pos_init_scale: float = 1.0
     intra_weight: float = 1.0
+    stem_lr_scale: float = 0.03
     templates: tuple[str, ...] = CAPTION_TEMPLATES
     version: int = RECIPE_VERSION
 
@@ -779,10 +780,14 @@ def build_demo_encoder(out_path: str | Path, seed: int = 0, *, steps: int | None
         "vision", "text", recipe.cfg, None, task, steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup,
         batch_size=recipe.batch_size, seed=recipe.seed, min_lr_ratio=recipe.min_lr_ratio,
         weight_decay=recipe.weight_decay, bf16=recipe.bf16, pos_init_scale=recipe.pos_init_scale,
-        intra_weight=recipe.intra_weight, eval_fn=eval_fn, eval_every=eval_every,
-        progress=progress)
-    # Final figures through the model's own forward on CLIP-normalised RGB (what stage 1 will feed it).
-    final = digit_eval_fn(pixels[held_idx_t], labels[held_idx_t], fast=False)(model.eval())
+        intra_weight=recipe.intra_weight, stem_lr_scale=recipe.stem_lr_scale, eval_fn=eval_fn,
+        eval_every=eval_every, progress=progress)
+    # Centre view through the model's own forward on CLIP-normalised RGB (what stage 1 feeds it); the crops
+    # through the equivalent fast path.
+    model.eval()
+    held_pix, held_lab = pixels[held_idx_t], labels[held_idx_t]
+    final = {**digit_eval_fn(held_pix, held_lab)(model),
+             "acc": digit_eval_fn(held_pix, held_lab, crops_per_image=0, fast=False)(model)["acc"]}
     train_centre = digit_eval_fn(pixels[train_idx_t], labels[train_idx_t], crops_per_image=0)(model)
     info = {
         "recipe": dataclasses.asdict(recipe),
@@ -796,7 +801,7 @@ def build_demo_encoder(out_path: str | Path, seed: int = 0, *, steps: int | None
         "zero_shot_prompt": ZERO_SHOT_TEMPLATE,
         "train_seconds": round(history.seconds, 1),
         "final_loss": float(np.mean(history.loss[-20:])),
-        "text_logit_scale": float(branch_logit_scale(model, "vision", "text")),
+        "text_logit_scale": branch_logit_scale(model, "vision", "text").item(),
         "evals": history.evals,
         "torch": torch.__version__,
     }
@@ -827,7 +832,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def save_state_dict(state: dict[str, Tensor], path: str | Path) -> str:
-    """Write a flat state dict atomically (safetensors for ``.safetensors``, else ``torch.save``); returns its sha256."""
+    """Write a flat state dict atomically (``.safetensors``: safetensors, else ``torch.save``); returns its sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
@@ -876,7 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="seed of the split, the initialisation and the sampling (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="images per step (default %(default)s)")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warmup steps (default %(default)s)")
     parser.add_argument("--config", default=defaults.cfg,

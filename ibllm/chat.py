@@ -368,10 +368,11 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
-        stream = sys.stdin if args.prompts_file == "-" else None
+        from pathlib import Path
+
         try:
-            text = stream.read() if stream else open(args.prompts_file, encoding="utf-8").read()
-        except OSError as e:
+            text = sys.stdin.read() if args.prompts_file == "-" else Path(args.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
             _fail(e)
         prompts += [ln for ln in text.splitlines() if ln.strip()]
     if not prompts:

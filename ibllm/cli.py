@@ -22,7 +22,9 @@ DELEGATED_COMMANDS = {
     "chat": ("ibllm.chat", "interactive multi-turn chat with streaming (/image PATH, /audio PATH, /reset)"),
     "generate": ("ibllm.inference", "one-shot generation for scripts (--json)"),
     "export": ("ibllm.export", "export/import adapters: --format official|safetensors|merged"),
+    "consolidate": ("ibllm.distributed", "sharded (FSDP2) checkpoint folder -> trainable-only file: CKPT_DIR --out FILE"),
     "features": ("ibllm.features", "precompute stage-1 image embeddings (KEY.npy) into copies of caption shards"),
+    "cache": ("ibllm.cache_build.command", "build the visual cache (FAISS index of image embeddings) from shards, over ranks"),
 }
 
 

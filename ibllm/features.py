@@ -206,6 +206,17 @@ class FeatureWriter:
                 out[i] = f.astype(self.dtype)
         return out
 
+    def iter_features(self, shard: str, report: ShardReport, progress: Any = None) -> Iterator[tuple[_Sample, np.ndarray | None]]:
+        """Every sample of ``shard`` with its embedding (None when skipped), encoded in batches; counts into ``report``."""
+        with _open_shard(shard) as stream:
+            for batch in self._batches(_read_samples(stream)):
+                for sample, feature in zip(batch, self._features(batch, report)):
+                    report.samples += sample.key is not None
+                    report.encoded += feature is not None
+                    yield sample, feature
+                if progress is not None:
+                    progress.update(len(batch))
+
     def write_shard(self, shard: str, dest: str | Path, progress: Any = None) -> ShardReport:
         """Encode every image of ``shard`` and write ``dest`` atomically (``.NAME.partial`` + rename)."""
         dest = Path(dest)
@@ -213,14 +224,9 @@ class FeatureWriter:
         start = time.perf_counter()
         tmp = dest.parent / f".{dest.name}.partial"
         try:
-            with _open_shard(shard) as stream, open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as out:
-                for batch in self._batches(_read_samples(stream)):
-                    for sample, feature in zip(batch, self._features(batch, report)):
-                        self._write_sample(out, sample, feature)
-                        report.samples += sample.key is not None
-                        report.encoded += feature is not None
-                    if progress is not None:
-                        progress.update(len(batch))
+            with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as out:
+                for sample, feature in self.iter_features(shard, report, progress):
+                    self._write_sample(out, sample, feature)
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, dest)

@@ -46,6 +46,8 @@ class ImageBindLLMModule(L.LightningModule):
         min_lr: the cosine schedule's floor.
         frozen_dtype: storage dtype of frozen weights (``bfloat16`` halves their memory); trainables stay fp32.
         sample_every_n_steps: log a few greedy generations to TensorBoard every N steps (0 = off).
+        activation_checkpointing: under FSDP2 (``ibllm.distributed.FSDP2Strategy``), recompute each LLaMA
+            block's activations in backward (see the README's memory plan).
     """
 
     stage: str = "finetune"
@@ -55,7 +57,8 @@ class ImageBindLLMModule(L.LightningModule):
                  init_from: str | None = None, lr: float = 1e-4, blr: float | None = None,
                  weight_decay: float = 0.05, warmup_steps: int = 0, warmup_fraction: float | None = None,
                  min_lr: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), frozen_dtype: str = "float32",
-                 sample_every_n_steps: int = 0, sample_max_gen_len: int = 24, seed: int = 0) -> None:
+                 sample_every_n_steps: int = 0, sample_max_gen_len: int = 24, seed: int = 0,
+                 activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: ImageBindLLM | None = None
@@ -66,6 +69,7 @@ class ImageBindLLMModule(L.LightningModule):
     def configure_model(self) -> None:
         """Build the model once (Lightning calls this before fit/resume; safe to call again)."""
         if self.model is not None:
+            self._shard_if_distributed()
             return
         hp = self.hparams
         modalities = ["vision"] if hp.modalities is None else list(hp.modalities)
@@ -74,6 +78,16 @@ class ImageBindLLMModule(L.LightningModule):
             load_trainable(self.model, hp.init_from)
         if hp.frozen_dtype != "float32":
             tuning.cast_frozen(self.model, getattr(torch, hp.frozen_dtype))
+        self._shard_if_distributed()
+
+    def _shard_if_distributed(self) -> None:
+        """Under ModelParallelStrategy (a device mesh is set): FSDP2-shard the model (idempotent)."""
+        if getattr(self, "_device_mesh", None) is None:
+            return
+        from ibllm.distributed import precision_param_dtype, shard_model
+
+        shard_model(self.model, self.device_mesh, precision_param_dtype(self.trainer.precision),
+                    activation_checkpointing=self.hparams.get("activation_checkpointing", False))
 
     def tokenizer(self):
         """The LLM tokenizer (loaded lazily; used for logged samples)."""
