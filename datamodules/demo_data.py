@@ -89,11 +89,12 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def digit_split(n: int, seed: int = 0, heldout_fraction: float = 0.2) -> tuple[list[int], list[int]]:
-    """A fixed seeded split of ``range(n)`` into (train, heldout) index lists."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_held = int(round(n * heldout_fraction))
-    return sorted(order[n_held:]), sorted(order[:n_held])
+    """The demo's one train/held-out split of ``range(n)`` (shared with stage 0, :func:`ibllm.binding.digit_split`),
+    so no held-out image is seen by the towers, stage 1 or stage 2."""
+    from ibllm.binding import digit_split as split
+
+    train, held = split(seed=seed, heldout_fraction=heldout_fraction, n=n)
+    return [int(i) for i in train], [int(i) for i in held]
 
 
 def _done(out: Path, name: str, params: dict) -> dict | None:

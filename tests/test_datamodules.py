@@ -240,14 +240,14 @@ def test_demo_writer(tmp_path) -> None:
     )
 
     out = write_digit_shards(tmp_path / "digits", seed=0, shard_size=1000)
-    assert out.n_train + out.n_heldout == 1797 and out.n_heldout == 359
+    assert out.n_train + out.n_heldout == 1797 and out.n_heldout == 360
     marker = tmp_path / "digits" / "done_shards.json"
     stamp = marker.stat().st_mtime_ns
     assert write_digit_shards(tmp_path / "digits", seed=0, shard_size=1000) == out
     assert marker.stat().st_mtime_ns == stamp  # reused, not rebuilt
     held = list(wds.WebDataset(out.heldout_pattern, shardshuffle=False))
     train_keys = {s["__key__"] for s in wds.WebDataset(out.train, shardshuffle=False)}
-    assert len(held) == 359 and len(train_keys) == 1438 and not train_keys & {s["__key__"] for s in held}
+    assert len(held) == 360 and len(train_keys) == 1437 and not train_keys & {s["__key__"] for s in held}
     for s in held[:50]:
         d = json.loads(s["json"])["label"]
         assert caption_mentions_digit(s["txt"].decode(), d)
