@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,6 +106,7 @@ def main() -> None:
                     "decode_tok_s_median": round(statistics.median(r["decode_tok_s"] for r in runs), 1),
                     "prompt_tokens": runs[0]["prompt_tokens"], "generated_per_row": runs[0]["generated_per_row"],
                 })
+                print(f"# {results[-1]}", file=sys.stderr, flush=True)  # partial results survive a timeout
     report = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "model": "smollm2-135m-instruct (GGUF Q4_1 dequantised, fp32) + demo ImageBind vision, stage-2 adapter",
               "load_s": round(load_s, 2), "results": results}
