@@ -55,16 +55,20 @@ def stream_tokens(model: ImageBindLLM, prompts: Sequence[Sequence[int]], visual:
     tokens = torch.full((bsz, total_len), eos_id, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long, device=device)
-    adapters = model.adapters(visual)
     dtype = llama.tok_embeddings.weight.dtype
+    # Frozen weights stored in bf16/fp16 beside fp32 trainables compute under autocast, as in training.
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
+    with autocast:
+        adapters = model.adapters(visual)
     caches = llama.new_cache(bsz, total_len, device, dtype) if use_cache else None
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     start, prev = int(lengths.min()), 0
     for cur in range(start, total_len):
-        if use_cache:
-            logits = llama(tokens[:, prev:cur], adapters, start_pos=prev, caches=caches, last_only=True)
-        else:
-            logits = llama(tokens[:, :cur], adapters, last_only=True)
+        with autocast:
+            if use_cache:
+                logits = llama(tokens[:, prev:cur], adapters, start_pos=prev, caches=caches, last_only=True)
+            else:
+                logits = llama(tokens[:, :cur], adapters, last_only=True)
         new = next_token(logits[:, -1], temperature, top_p, generator)
         in_prompt = lengths > cur
         new = torch.where(in_prompt, tokens[:, cur], new)

@@ -145,3 +145,12 @@ def test_top_p_keeps_the_token_that_crosses_p():
     counts = torch.bincount(draws, minlength=3).float() / 4000
     assert counts[2] == 0
     assert abs(counts[0] - 0.625) < 0.03 and abs(counts[1] - 0.375) < 0.03
+
+
+def test_generation_with_bf16_frozen_weights_runs_without_outer_autocast():
+    cfg = llama_preset("tiny")
+    model = perturbed(ImageBindLLM(cfg, stage="finetune")).eval()
+    tuning.cast_frozen(model, torch.bfloat16)
+    visual = model.visual_token(feature=torch.randn(2, cfg.visual_dim))
+    out = generate_tokens(model, [[1, 5, 6], [1, 7]], visual, max_gen_len=3, temperature=0)
+    assert all(len(row) == 3 for row in out)

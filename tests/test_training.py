@@ -44,7 +44,7 @@ def test_stage1_trains_and_checkpoints_only_trainables(tmp_path, sp_model, capti
     trainer(tmp_path, 4).fit(module, datamodule=captions(sp_model, caption_shards))
     gates = torch.stack([layer.attention.gate for layer in module.model.llama.layers])
     assert gates.abs().sum() > 0  # the zero gates moved
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     keys = {k.removeprefix("model.") for k in ckpt["state_dict"]}
     assert keys == {n for n, _ in tuning.trainable_parameters(module.model, "pretrain")}
     assert not any(k.startswith("image_bind.") or "tok_embeddings" in k for k in keys)
@@ -57,7 +57,7 @@ def test_resume_continues_from_last(tmp_path, sp_model, caption_shards):
     trainer(tmp_path, 2).fit(pretrain_module(sp_model), datamodule=captions(sp_model, caption_shards))
     resumed = pretrain_module(sp_model)
     t = trainer(tmp_path, 4)
-    t.fit(resumed, datamodule=captions(sp_model, caption_shards), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    t.fit(resumed, datamodule=captions(sp_model, caption_shards), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), weights_only=True)
     assert t.global_step == 4
 
 
@@ -74,11 +74,11 @@ def test_interrupted_run_saves_and_resumes(tmp_path, sp_model, caption_shards):
     first = pretrain_module(sp_model)
     with pytest.raises(SystemExit):  # Lightning exits after its on_exception hooks ran (Ctrl-C semantics)
         t.fit(first, datamodule=captions(sp_model, caption_shards))
-    saved = torch.load(tmp_path / "interrupt" / "interrupted.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "interrupt" / "interrupted.ckpt", weights_only=True)
     assert saved["global_step"] == 2
     second = pretrain_module(sp_model)
     t2 = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    t2.fit(second, datamodule=captions(sp_model, caption_shards), ckpt_path=str(tmp_path / "interrupt" / "interrupted.ckpt"))
+    t2.fit(second, datamodule=captions(sp_model, caption_shards), ckpt_path=str(tmp_path / "interrupt" / "interrupted.ckpt"), weights_only=True)
     assert t2.global_step == 5
 
 
@@ -94,7 +94,7 @@ def test_stage2_starts_from_stage1(tmp_path, sp_model, caption_shards, instructi
     for name, value in stage1.model.state_dict().items():
         if tuning.is_trainable(name, "pretrain"):
             torch.testing.assert_close(stage2.model.state_dict()[name], value)
-    ckpt = torch.load(tmp_path / "s2" / "ckpt" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "s2" / "ckpt" / "last.ckpt", weights_only=True)
     assert all(tuning.is_trainable(k.removeprefix("model."), "finetune") for k in ckpt["state_dict"])
     lora_b = [p for n, p in stage2.model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)
@@ -106,7 +106,7 @@ def test_resuming_the_wrong_stage_is_refused(tmp_path, sp_model, caption_shards,
     data = InstructionData(train_files=instruction_files["alpaca"], tokenizer=sp_model, max_words=160,
                            batch_size=2, num_workers=0)
     with pytest.raises(ValueError, match="stage 'pretrain'"):
-        trainer(tmp_path / "x", 2).fit(stage2, datamodule=data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        trainer(tmp_path / "x", 2).fit(stage2, datamodule=data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), weights_only=True)
 
 
 class PoisonLoss(L.Callback):
