@@ -154,3 +154,13 @@ def test_generation_with_bf16_frozen_weights_runs_without_outer_autocast():
     visual = model.visual_token(feature=torch.randn(2, cfg.visual_dim))
     out = generate_tokens(model, [[1, 5, 6], [1, 7]], visual, max_gen_len=3, temperature=0)
     assert all(len(row) == 3 for row in out)
+
+
+def test_training_after_generation_on_a_fresh_model():
+    """RoPE tables first built under inference mode must not break a later backward pass."""
+    cfg = llama_preset("tiny")
+    model = ImageBindLLM(cfg, stage="pretrain")
+    generate_tokens(model.eval(), [[1, 5]], model.visual_token(feature=torch.randn(1, cfg.visual_dim)), max_gen_len=2)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 6))
+    lm_loss(model.train()(tokens, feature=torch.randn(1, cfg.visual_dim)), tokens).backward()
+    assert model.image_bind_proj.weight.grad is not None

@@ -204,7 +204,9 @@ class LLaMA(nn.Module):
     def rope(self, start: int, end: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """Cos/sin for positions ``start..end-1`` (tables of ``2 * max_seq_len`` positions, cached per device)."""
         if device not in self._rope:
-            self._rope[device] = rope_tables(self.cfg.head_dim, 2 * self.cfg.max_seq_len, self.cfg.rope_theta, device)
+            with torch.inference_mode(False):  # a table first built during generation must serve training too
+                self._rope[device] = rope_tables(self.cfg.head_dim, 2 * self.cfg.max_seq_len, self.cfg.rope_theta,
+                                                  device)
         cos, sin = self._rope[device]
         if end > cos.shape[0]:
             raise ValueError(f"position {end} exceeds the RoPE table ({cos.shape[0]} = 2 x max_seq_len)")
