@@ -11,9 +11,9 @@ endif
 TORCH ?= torch==2.13.0
 # faiss-cpu and faiss-gpu provide the same module; GPU=1 picks faiss-gpu.
 ifeq ($(GPU),1)
-EXTRAS ?= dev,gpu
+EXTRAS ?= dev,gpu,web
 else
-EXTRAS ?= dev,cpu
+EXTRAS ?= dev,cpu,web
 endif
 STAMP := $(BIN)/.ibllm-installed
 EXP ?=
@@ -28,7 +28,9 @@ help:
 	@echo "make finetune [EXP=.. ARGS=..]  stage 2 (default: the embedded CPU demo, after pretrain)"
 	@echo "make pretrain SLURM=1 NODES=4 GPUS_PER_NODE=8 [PARTITION=.. TIME=.. ACCOUNT=..] EXP=..  submit to SLURM"
 	@echo "make chat [ARGS=..]             chat with the demo model (after pretrain / finetune)"
+	@echo "make demo-web [ARGS=..]         the browser demo on the demo model (http://127.0.0.1:7860)"
 	@echo "make cache [ARGS=..]            build the visual cache (FAISS) of the demo's training images"
+	@echo "make crossmodal [ARGS=..]       demo cross-modal transfer: caption image/text/audio x cache (after pretrain)"
 	@echo "make setup                     only create the environment"
 
 setup: $(STAMP)
@@ -74,9 +76,28 @@ chat: setup
 	$(BIN)/python -m ibllm chat --adapter $(CHAT_ADAPTER) --llama smollm2-135m-instruct \
 		--imagebind data/demo/encoder.safetensors --imagebind-preset demo $(ARGS)
 
+# The browser demo on the same model (with the visual cache when `make cache` has built it).
+.PHONY: demo-web
+demo-web: setup
+	@test -f $(CHAT_ADAPTER) || { echo "no demo checkpoint ($(CHAT_ADAPTER)): run make pretrain (and make finetune) first"; exit 1; }
+	$(BIN)/python -m ibllm serve --adapter $(CHAT_ADAPTER) --llama smollm2-135m-instruct \
+		--imagebind data/demo/encoder.safetensors --imagebind-preset demo \
+		$(if $(wildcard data/demo/cache/cache.json),--cache data/demo/cache) $(ARGS)
+
 # The visual cache (SPEC §6.1) of the demo's training images; for CC3M: python -m ibllm cache --shards ... --imagebind huge.
 .PHONY: cache
 cache: setup
 	$(BIN)/python -m ibllm demo prepare
 	$(BIN)/python -m ibllm cache --shards data/demo/shards/train --out data/demo/cache --imagebind demo \
 		--imagebind-weights data/demo/encoder.safetensors $(ARGS)
+
+# Cross-modal transfer on the demo (paper Fig. 4): the image-only stage-1 model captions held-out images, text
+# phrases and espeak-ng spoken digits (audio tower bound to the frozen vision tower, built once), naive and with
+# the visual cache; one line per cell. Needs espeak-ng (Debian: apt-get install espeak-ng).
+.PHONY: crossmodal
+crossmodal: setup
+	@test -f runs/demo_pretrain/checkpoints/last.ckpt || { echo "no stage-1 demo checkpoint (runs/demo_pretrain/checkpoints/last.ckpt): run make pretrain first"; exit 1; }
+	@command -v espeak-ng >/dev/null || { echo "espeak-ng is missing: apt-get install -y --no-install-recommends espeak-ng"; exit 1; }
+	$(BIN)/python -m ibllm demo prepare
+	@test -f data/demo/cache/cache.json || $(MAKE) --no-print-directory cache ARGS=
+	$(BIN)/python -m ibllm crossmodal --adapter runs/demo_pretrain/checkpoints/last.ckpt --root data/demo $(ARGS)

@@ -14,6 +14,7 @@ import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -48,18 +49,31 @@ def last_key_word(text: str) -> str | None:
 
 
 @torch.no_grad()
-def answer(pl_module: L.LightningModule, images: torch.Tensor, prompts: Sequence[str], max_gen_len: int) -> list[str]:
-    """Greedy answers of the module's model for one image + prompt per row."""
-    tok = pl_module.tokenizer()
-    model = pl_module.model
+def greedy_answers(model: torch.nn.Module, tok: Any, visual: torch.Tensor | None, prompts: Sequence[str],
+                   max_gen_len: int) -> list[str]:
+    """Greedy answers of an ImageBindLLM for one visual token ``[B,1,D]`` (or None) + prompt per row."""
     was_training = model.training
     model.eval()
-    device = model.prefix_query.weight.device
-    visual = model.visual_token(image=images.to(device))
     ids = [tok.encode(p, bos=True, eos=False) for p in prompts]
     outputs = generate_tokens(model, ids, visual, max_gen_len, temperature=0, eos_id=tok.eos_id)
     model.train(was_training)
     return [tok.decode(o).strip() for o in outputs]
+
+
+@torch.no_grad()
+def answer(pl_module: L.LightningModule, images: torch.Tensor, prompts: Sequence[str], max_gen_len: int) -> list[str]:
+    """Greedy answers of the module's model for one image + prompt per row."""
+    model = pl_module.model
+    was_training = model.training
+    model.eval()
+    visual = model.visual_token(image=images.to(model.prefix_query.weight.device))
+    model.train(was_training)
+    return greedy_answers(model, pl_module.tokenizer(), visual, prompts, max_gen_len)
+
+
+def caption_names_digit(caption: str, label: int) -> bool:
+    """The stage-1 demo score: ``caption`` names exactly one digit, and it is ``label``."""
+    return digits_mentioned(caption) == {int(label)}
 
 
 class BeforeAfterAccuracy(L.Callback):
@@ -71,6 +85,7 @@ class BeforeAfterAccuracy(L.Callback):
     def __init__(self) -> None:
         self.before: float | None = None
         self.after: float | None = None
+        self.summary: str | None = None  # printed again by the CLI as the run's very last line
 
     def evaluate(self, pl_module: L.LightningModule) -> tuple[float, list[str]]:
         raise NotImplementedError
@@ -89,7 +104,8 @@ class BeforeAfterAccuracy(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({f"demo/{self.name}": self.after}, step=trainer.global_step)
         before = "n/a" if self.before is None else f"{self.before:.2f}"
-        print(f"{self.name}: {self.after:.2f} ({self.before_label}: {before})", flush=True)
+        self.summary = f"{self.name}: {self.after:.2f} ({self.before_label}: {before})"
+        print(self.summary, flush=True)
 
     def state_dict(self) -> dict:
         return {"before": self.before}
@@ -117,7 +133,7 @@ class DigitCaptionAccuracy(BeforeAfterAccuracy):
             images = torch.stack([load_image(png) for png, _ in chunk])
             captions = answer(pl_module, images, [caption_prompt()] * len(chunk), self.max_gen_len)
             for caption, (_, label) in zip(captions, chunk):
-                ok = digits_mentioned(caption) == {label}
+                ok = caption_names_digit(caption, label)
                 correct += ok
                 examples.append(f"[{label}] {caption!r} {'✓' if ok else '✗'}")
         return correct / max(1, len(samples)), examples

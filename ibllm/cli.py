@@ -25,6 +25,8 @@ DELEGATED_COMMANDS = {
     "consolidate": ("ibllm.distributed", "sharded (FSDP2) checkpoint folder -> trainable-only file: CKPT_DIR --out FILE"),
     "features": ("ibllm.features", "precompute stage-1 image embeddings (KEY.npy) into copies of caption shards"),
     "cache": ("ibllm.cache_build.command", "build the visual cache (FAISS index of image embeddings) from shards, over ranks"),
+    "serve": ("ibllm.web", "browser demo (gradio, 127.0.0.1): uploads with weights, cache, streaming multi-turn chat"),
+    "crossmodal": ("ibllm.crossmodal", "demo cross-modal transfer: bind a spoken-digit audio tower, caption image/text/audio x cache"),
 }
 
 

@@ -238,6 +238,12 @@ def run_lightning_cli(argv: list[str]) -> None:
                 raise SystemExit("the experiment still has placeholder values; set them in the YAML or with "
                                  "flags:\n  " + "\n  ".join(f"--{key}" for key in missing))
 
+        def after_fit(self) -> None:
+            # Result lines of evaluation callbacks end the output, after the progress bar's last redraw.
+            for callback in self.trainer.callbacks:
+                if getattr(callback, "summary", None):
+                    print(callback.summary, flush=True)
+
     CLI(ImageBindLLMModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         args=None if argv == sys.argv[1:] else argv, parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False)
