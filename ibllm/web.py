@@ -185,7 +185,6 @@ def error_line(err: BaseException, uploads: Mapping[str, str] | None = None) -> 
 CSS = """
 #ibllm-status {min-height: 2.2em}
 #ibllm-status.error, #ibllm-status .error {color: #b91c1c}
-footer {display: none !important}
 """
 
 
@@ -214,14 +213,16 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
         with gr.Row():
             with gr.Column(scale=2, min_width=300):
                 files, weights = {}, {}
-                for modality, label, exts in WEB_MODALITIES:
-                    note = "" if engine.available(modality) else " (this model has no such branch)"
-                    with gr.Group():
-                        files[modality] = gr.File(label=f"{label}{note}", type="filepath", height=90,
-                                                  elem_id=f"ibllm-{modality}")
-                        weights[modality] = gr.Slider(0.0, 1.0, value=DEFAULTS["weight"], step=0.05,
-                                                      label=f"{label} weight", info=exts,
-                                                      elem_id=f"ibllm-{modality}-weight")
+                for row in (WEB_MODALITIES[:2], WEB_MODALITIES[2:]):
+                    with gr.Row(equal_height=True):
+                        for modality, label, exts in row:
+                            note = "" if engine.available(modality) else " (not in this model)"
+                            with gr.Column(min_width=150), gr.Group():
+                                files[modality] = gr.File(label=f"{label}{note}", type="filepath", height=80,
+                                                          elem_id=f"ibllm-{modality}")
+                                weights[modality] = gr.Slider(0.0, 1.0, value=DEFAULTS["weight"], step=0.05,
+                                                              label=f"{label} weight", info=exts,
+                                                              elem_id=f"ibllm-{modality}-weight")
                 with gr.Accordion("Visual cache (SPEC §6.1)", open=engine.has_cache, elem_id="ibllm-cache"):
                     use_cache = gr.Checkbox(value=engine.has_cache, label="use the visual cache",
                                             interactive=engine.has_cache, elem_id="ibllm-cache-on",
@@ -240,7 +241,8 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
                                             label="temperature (0 = greedy)", elem_id="ibllm-temperature")
                     top_p = gr.Slider(0.05, 1.0, value=gen.top_p, step=0.05, label="top-p",
                                       elem_id="ibllm-top-p")
-                    seed = gr.Number(value=gen.seed, precision=0, label="seed (empty = random)", elem_id="ibllm-seed")
+                    seed = gr.Number(value=-1 if gen.seed is None else gen.seed, precision=0,
+                                     label="seed (-1 = random)", elem_id="ibllm-seed")
             with gr.Column(scale=3, min_width=360):
                 chatbot = gr.Chatbot(label="Conversation", height=460, render_markdown=False,
                                      elem_id="ibllm-chat", feedback_options=None, buttons=["copy"])
@@ -268,7 +270,7 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
             on, k, ct, cw, n, t, p, s = rest
             inputs = engine.build_inputs(uploads, w)
             cache = CacheSettings(bool(on), int(k), float(ct), float(cw))
-            gen = GenerationSettings(int(n), float(t), float(p), None if s is None or s == "" else int(s))
+            gen = GenerationSettings(int(n), float(t), float(p), None if s is None or s == "" or int(s) < 0 else int(s))
             return inputs, uploads, cache, gen
 
         def respond(message: str, turns: list[tuple[str, str]], *values: Any) -> Iterator[tuple[Any, ...]]:
@@ -282,7 +284,7 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
                 yield shown, turns, "_generating…_", ""
                 for answer in stream:
                     shown[-1] = {"role": "assistant", "content": answer}
-                    yield shown, turns, "_generating…_", gr.skip()
+                    yield shown, gr.skip(), gr.skip(), gr.skip()  # status untouched: Stop may have written it
             except Exception as e:  # noqa: BLE001 - every request error is shown; the server keeps serving
                 yield _messages(turns), turns, error_line(e, uploads), message
                 return
@@ -321,6 +323,8 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
                    api_visibility="private")
         reset.click(on_reset, None, [chatbot, history, status], cancels=[ev_send, ev_submit], queue=False,
                     api_visibility="private")
+        chatbot.clear(lambda: ([], "conversation cleared (inputs kept)"), None, [history, status], queue=False,
+                      api_visibility="private")  # the chat box's own trash button forgets the history too
     app.queue(default_concurrency_limit=1, max_size=64)
     return app
 
