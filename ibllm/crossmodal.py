@@ -395,8 +395,12 @@ def build_audio_encoder(root: str | Path = DEFAULT_ROOT, base: str | Path | None
 
     pixels, labels = load_digit_pixels()
     train_idx = torch.from_numpy(digit_split(recipe.seed, recipe.heldout_fraction)[0])
+    # Zero-shot over the digits that are spoken (all ten by default): their images, prototypes and prompts.
+    classes = len(recipe.speech.words)
+    train_idx = train_idx[labels[train_idx] < classes]
     img_emb, img_lab = image_embeddings(anchor, pixels[train_idx]), labels[train_idx]
-    targets = {"image_prototypes": class_prototypes(img_emb, img_lab), "text_prompts": text_targets(anchor)}
+    targets = {"image_prototypes": class_prototypes(img_emb, img_lab, classes),
+               "text_prompts": text_targets(anchor)[:classes]}
     task = SpokenDigitBinding(train_audio, train_lab, img_emb, img_lab, augment=recipe.augment)
     eval_fn = lambda m: audio_zero_shot(m, held_audio, held_lab, targets)  # noqa: E731
     model, history = bind_towers(

@@ -75,13 +75,24 @@ def test_audio_binding_keeps_vision_bit_identical_and_beats_chance(speech, tmp_p
     B.save_state_dict(base.state_dict(), base_file)
     before = {k: v.clone() for k, v in load_imagebind(base_file, "tiny", ["vision", "text"]).state_dict().items()}
     monkeypatch.setattr(C, "write_spoken_digits", lambda root, spec, progress=True, force=False: speech)
-    recipe = C.AudioRecipe(cfg="tiny", steps=60, lr=3e-3, warmup=5, batch_size=36, speech=TINY_SPEECH)
+    recipe = C.AudioRecipe(cfg="tiny", steps=40, lr=3e-3, warmup=5, batch_size=36, speech=TINY_SPEECH)
 
-    # Untrained audio branch: zero-shot accuracy against the 10 image class prototypes.
+    # A randomly initialised tiny vision tower maps every digit to (almost) the same point, so it cannot tell
+    # the classes apart; stand in for a trained frozen tower's image embeddings: one direction per class + noise.
     pixels, labels = B.load_digit_pixels()
-    train_idx = torch.from_numpy(B.digit_split()[0])
-    img_emb = C.image_embeddings(base, pixels[train_idx])
-    protos = {"image_prototypes": C.class_prototypes(img_emb, labels[train_idx])}
+    train_labels = labels[torch.from_numpy(B.digit_split()[0])]
+    train_labels = train_labels[train_labels < 3]  # only the spoken digits' images are used
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(10, 32, generator=gen), dim=-1)
+    img_emb = torch.nn.functional.normalize(centres[train_labels] + 0.3 * torch.randn(len(train_labels), 32,
+                                                                                     generator=gen), dim=-1)
+
+    def fake_image_embeddings(model, pix):
+        assert len(pix) == len(img_emb) and model.modalities == ("vision", "text")
+        return img_emb
+
+    monkeypatch.setattr(C, "image_embeddings", fake_image_embeddings)
+    protos = {"image_prototypes": C.class_prototypes(img_emb, train_labels, classes=3)}
     held = C.speech_features(speech.paths("heldout"), progress=False)[:, 0]
     fresh = ImageBindModel(imagebind_preset("tiny"), ["vision", "audio"]).eval()
     untrained = C.audio_zero_shot(fresh, held, speech.labels("heldout"), protos)["image_prototypes"]
