@@ -8,7 +8,6 @@ Both print one final line (``heldout_caption_accuracy: 0.93 (untrained: 0.10)``)
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import tarfile
@@ -23,7 +22,8 @@ from datamodules.demo_data import NUMBER_WORDS, digits_mentioned
 from datamodules.shards import expand_urls
 from ibllm.generation import generate_tokens
 from ibllm.processing.image import load_image
-from ibllm.processing.templates import caption_prompt, format_prompt, strip_image_placeholder
+from ibllm.processing.samples import conversation_prompt_ids
+from ibllm.processing.templates import caption_prompt, strip_image_placeholder
 
 KEY_WORDS = set(NUMBER_WORDS) | {"even", "odd"}
 
@@ -49,19 +49,21 @@ def last_key_word(text: str) -> str | None:
 
 
 @torch.no_grad()
-def greedy_answers(model: torch.nn.Module, tok: Any, visual: torch.Tensor | None, prompts: Sequence[str],
-                   max_gen_len: int) -> list[str]:
-    """Greedy answers of an ImageBindLLM for one visual token ``[B,1,D]`` (or None) + prompt per row."""
+def greedy_answers(model: torch.nn.Module, tok: Any, visual: torch.Tensor | None,
+                   prompts: Sequence[str | list[int]], max_gen_len: int) -> list[str]:
+    """Greedy answers of an ImageBindLLM for one visual token ``[B,1,D]`` (or None) + prompt per row
+    (a string, encoded with BOS, or ready token ids)."""
     was_training = model.training
     model.eval()
-    ids = [tok.encode(p, bos=True, eos=False) for p in prompts]
+    ids = [p if isinstance(p, list) else tok.encode(p, bos=True, eos=False) for p in prompts]
     outputs = generate_tokens(model, ids, visual, max_gen_len, temperature=0, eos_id=tok.eos_id)
     model.train(was_training)
     return [tok.decode(o).strip() for o in outputs]
 
 
 @torch.no_grad()
-def answer(pl_module: L.LightningModule, images: torch.Tensor, prompts: Sequence[str], max_gen_len: int) -> list[str]:
+def answer(pl_module: L.LightningModule, images: torch.Tensor, prompts: Sequence[str | list[int]],
+           max_gen_len: int) -> list[str]:
     """Greedy answers of the module's model for one image + prompt per row."""
     model = pl_module.model
     was_training = model.training
@@ -140,7 +142,8 @@ class DigitCaptionAccuracy(BeforeAfterAccuracy):
 
 
 class DigitInstructionAccuracy(BeforeAfterAccuracy):
-    """Stage-2 demo metric: every question of the held-out LLaVA file, answered one turn at a time."""
+    """Stage-2 demo metric: every question of the held-out LLaVA file, asked in its conversation (the
+    earlier turns with their reference answers as history, in the multi-turn template stage 2 trains on)."""
 
     name = "heldout_instruction_accuracy"
     before_label = "before finetune"
@@ -151,25 +154,29 @@ class DigitInstructionAccuracy(BeforeAfterAccuracy):
         self.heldout, self.image_root, self.limit = heldout, image_root, limit
         self.batch_size, self.max_gen_len = batch_size, max_gen_len
 
-    def questions(self) -> list[tuple[Path, str, str]]:
-        """``(image path, question, reference answer)`` for every turn of the held-out items."""
+    def questions(self) -> list[tuple[Path, list[tuple[str, str]], str, str]]:
+        """``(image path, history, question, reference answer)`` for every turn of the held-out items."""
         root = Path(self.image_root) if self.image_root else Path(self.heldout).parent
         rows = []
         for item in json.loads(Path(self.heldout).read_text()):
             conv = item["conversations"]
-            for user, assistant in zip(conv[0::2], conv[1::2]):
-                rows.append((root / item["image"], strip_image_placeholder(user["value"]), assistant["value"]))
+            turns = [(strip_image_placeholder(u["value"]), a["value"]) for u, a in zip(conv[0::2], conv[1::2])]
+            for i, (question, reference) in enumerate(turns):
+                rows.append((root / item["image"], turns[:i], question, reference))
         return rows[: self.limit] if self.limit else rows
 
     def evaluate(self, pl_module: L.LightningModule) -> tuple[float, list[str]]:
         rows = self.questions()
+        tok = pl_module.tokenizer()
         correct, examples = 0, []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            images = torch.stack([load_image(path) for path, _, _ in chunk])
-            replies = answer(pl_module, images, [format_prompt(q) for _, q, _ in chunk], self.max_gen_len)
-            for reply, (_, question, reference) in zip(replies, chunk):
+            images = torch.stack([load_image(path) for path, _, _, _ in chunk])
+            prompts = [conversation_prompt_ids(tok, history, q) for _, history, q, _ in chunk]
+            replies = answer(pl_module, images, prompts, self.max_gen_len)
+            for reply, (_, history, question, reference) in zip(replies, chunk):
                 ok = last_key_word(reply) == last_key_word(reference)
                 correct += ok
-                examples.append(f"{question!r} -> {reply!r} (ref {reference!r}) {'✓' if ok else '✗'}")
+                examples.append(f"[turn {len(history) + 1}] {question!r} -> {reply!r} (ref {reference!r}) "
+                                f"{'✓' if ok else '✗'}")
         return correct / max(1, len(rows)), examples
