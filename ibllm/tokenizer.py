@@ -62,8 +62,9 @@ class SentencePieceTokenizer:
         return _with_flags(self.sp.encode(text), self.bos_id, self.eos_id, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids`` (BOS/EOS/control pieces decode to nothing)."""
-        return self.sp.decode([int(i) for i in ids])
+        """Text of ``ids`` (BOS/EOS/control pieces decode to nothing; ids past the vocabulary, which a model
+        with a padded output layer can emit, are dropped)."""
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -105,7 +106,7 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens skipped."""
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self.tokenizer.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=True)
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"

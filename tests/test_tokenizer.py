@@ -174,3 +174,17 @@ def test_gguf_tokenizer_errors(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF garbage")
     with pytest.raises(CheckpointError, match=r"bad\.gguf"):
         tokenizer_from_gguf(tmp_path / "bad.gguf")
+
+
+def test_decode_drops_ids_past_the_vocabulary(tmp_path):
+    """A model whose output layer is larger than the tokenizer (padded vocab) must not crash decoding."""
+    import sentencepiece as spm
+
+    from ibllm.tokenizer import SentencePieceTokenizer
+
+    (tmp_path / "c.txt").write_text("\n".join(["red green blue square circle"] * 50))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "m"), vocab_size=18,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    tok = SentencePieceTokenizer(tmp_path / "m.model")
+    ids = tok.encode("red square", bos=False)
+    assert tok.decode(ids + [tok.vocab_size + 5]) == tok.decode(ids) == "red square"

@@ -72,9 +72,14 @@ def css(d, selector):
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except StaleElementReferenceException:  # the page re-rendered between finding and reading an element
+            value = None
         if value:
             return value
         time.sleep(0.1)
