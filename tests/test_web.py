@@ -261,14 +261,15 @@ def test_api_queue_one_at_a_time_and_stop(server, tiny, monkeypatch):
     from gradio_client.utils import Status
 
     client = Client(server.url, verbose=False, download_files=False)
-    first = client.submit(*_api_args(Q1, image=tiny["image"], max_gen_len=400), api_name="/answer")
+    # three long answers keep the single generation slot busy, so the next request must queue
+    first, *others = [client.submit(*_api_args(Q1, image=tiny["image"], max_gen_len=400), api_name="/answer")
+                      for _ in range(3)]
     wait_for(lambda: first.outputs(), timeout=60, what="the first answer to stream")
     second = client.submit(*_api_args(Q1, image=tiny["image"]), api_name="/answer")
-    # while the first one generates, the second waits in the queue (with its position) and gets nothing
-    time.sleep(0.5)
-    seen = second.status()
-    assert not first.done(), "the long answer ended too early for this test"
-    assert seen.code == Status.IN_QUEUE and seen.rank is not None and not second.outputs(), seen
+    # while earlier ones generate, it waits in the queue (with its position) and gets nothing
+    seen = wait_for(lambda: (s := second.status()).code == Status.IN_QUEUE and s, timeout=30,
+                    what=lambda: f"the queued state (now {second.status().code})")
+    assert seen.rank is not None and not second.outputs(), seen
     streamed_before_stop = len(first.outputs())
     assert first.cancel()  # Stop: the long answer ends early ...
     assert isinstance(second.result(timeout=120), str)  # ... and the queued request is answered
