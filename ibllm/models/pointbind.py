@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ibllm.config import PointBindConfig
-from ibllm.models.imagebind.trunk import DropPath
+from ibllm.models.imagebind.trunk import DropPath, Mlp
 
 POINT_LN_EPS = 1e-5
 
@@ -118,19 +118,6 @@ class PointAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, length, dim))
 
 
-class PointMlp(nn.Module):
-    """``fc1 -> GELU (erf) -> fc2``."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class PointBlock(nn.Module):
     """Pre-LN block (LN eps 1e-5): ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, with drop-path."""
 
@@ -140,7 +127,7 @@ class PointBlock(nn.Module):
         self.attn = PointAttention(dim, num_heads)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=POINT_LN_EPS)
-        self.mlp = PointMlp(dim, 4 * dim)
+        self.mlp = Mlp(dim, 4 * dim)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
