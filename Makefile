@@ -31,6 +31,7 @@ help:
 	@echo "make demo-web [ARGS=..]         the browser demo on the demo model (http://127.0.0.1:7860)"
 	@echo "make cache [ARGS=..]            build the visual cache (FAISS) of the demo's training images"
 	@echo "make crossmodal [ARGS=..]       demo cross-modal transfer: caption image/text/audio x cache (after pretrain)"
+	@echo "make eval [ARGS=.. EVAL_ARGS=..] easy-VQA on real data: stage 0+1+2 on its train split, score its test split"
 	@echo "make setup                     only create the environment"
 
 setup: $(STAMP)
@@ -101,3 +102,15 @@ crossmodal: setup
 	$(BIN)/python -m ibllm demo prepare
 	@test -f data/demo/cache/cache.json || $(MAKE) --no-print-directory cache ARGS=
 	$(BIN)/python -m ibllm crossmodal --adapter runs/demo_pretrain/checkpoints/last.ckpt --root data/demo $(ARGS)
+
+# The easy-VQA demo on real data (PyPI easy-vqa): stage-0 towers on its images, stage 1 on captions of its train
+# images, stage 2 on its train questions, then every test question (VQA accuracy) and its MME-style yes/no pairs.
+# Each step reuses what an earlier run finished (delete data/easyvqa, runs/easyvqa_* or eval/easyvqa to redo one).
+# ARGS go to the stage-2 fit (e.g. ARGS="--trainer.max_steps 600"); EVAL_ARGS to the evaluation (e.g. EVAL_ARGS="--limit 500").
+EVAL_ARGS ?=
+.PHONY: eval
+eval: setup
+	$(BIN)/python -m ibllm easyvqa prepare
+	$(BIN)/python -m ibllm fit --config experiments/easyvqa_pretrain.yaml
+	$(BIN)/python -m ibllm fit --config experiments/easyvqa_finetune.yaml $(ARGS)
+	$(BIN)/python -m ibllm easyvqa evaluate $(EVAL_ARGS)

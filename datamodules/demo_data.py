@@ -97,7 +97,8 @@ def digit_split(n: int, seed: int = 0, heldout_fraction: float = 0.2) -> tuple[l
     return [int(i) for i in train], [int(i) for i in held]
 
 
-def _done(out: Path, name: str, params: dict) -> dict | None:
+def read_marker(out: Path, name: str, params: dict) -> dict | None:
+    """The JSON of marker ``out/name`` when it records exactly ``params`` (a finished build), else None."""
     marker = out / name
     if marker.is_file():
         info = json.loads(marker.read_text())
@@ -154,7 +155,7 @@ def write_digit_shards(
     """
     out = Path(out_dir)
     params = {"kind": "digit_shards", "seed": seed, "heldout_fraction": heldout_fraction, "shard_size": shard_size}
-    if (info := _done(out, DONE_SHARDS, params)) is not None:
+    if (info := read_marker(out, DONE_SHARDS, params)) is not None:
         return DigitShards(**info["result"])
     for split in ("train", "heldout"):
         shutil.rmtree(out / split, ignore_errors=True)
@@ -230,7 +231,7 @@ def write_digit_instructions(
     """
     out = Path(out_dir)
     params = {"kind": "digit_instructions", "seed": seed, "heldout_fraction": heldout_fraction, "max_images": max_images}
-    if (info := _done(out, DONE_INSTRUCTIONS, params)) is not None:
+    if (info := read_marker(out, DONE_INSTRUCTIONS, params)) is not None:
         return DigitInstructions(**info["result"])
     images, labels = load_digits()
     train_idx, held_idx = digit_split(len(labels), seed, heldout_fraction)

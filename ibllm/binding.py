@@ -627,6 +627,20 @@ def grey_vision_embed(model: ImageBindModel, grey: Tensor) -> Tensor:
     return F.normalize(model.modality_heads["vision"](x).float(), dim=-1)
 
 
+def sample_class_captions(tokens: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One random caption per sample from ``tokens`` ``[classes, templates, L]``, duplicates merged.
+
+    Returns the distinct captions' tokens ``[U, L']`` (trimmed after the longest caption: exact, since the
+    text trunk is causal and pools at the EOT token) and the positive mask ``[len(labels), U]``.
+    """
+    n_templates = tokens.shape[1]
+    template = torch.randint(n_templates, (len(labels),), generator=generator)
+    unique = (labels * n_templates + template).unique()
+    picked = tokens.reshape(-1, tokens.shape[-1])[unique]
+    picked = picked[:, : int(picked.argmax(dim=1).max()) + 1]
+    return picked, positive_mask(labels, unique // n_templates)
+
+
 class DigitBinding:
     """:class:`BindingTask` on the digits: images (stage-1 crops) against captions naming the digit.
 
@@ -652,12 +666,8 @@ class DigitBinding:
         crops = sample_crops(len(idx), generator) if self.augment else None
         grey = render_digits(self.pixels[idx], crops)
         labels = self.labels[idx]
-        template = torch.randint(len(self.templates), (len(idx),), generator=generator)
-        caption_id = labels * len(self.templates) + template
-        unique = caption_id.unique()
-        tokens = self.tokens.view(-1, self.tokens.shape[-1])[unique]
-        tokens = tokens[:, : int(tokens.argmax(dim=1).max()) + 1]
-        return grey, tokens, positive_mask(labels, unique // len(self.templates))
+        tokens, mask = sample_class_captions(self.tokens, labels, generator)
+        return grey, tokens, mask
 
     def embed(self, model: ImageBindModel, branch: str, x: Tensor) -> Tensor:
         if branch == "vision":
@@ -769,7 +779,7 @@ def build_demo_encoder(out_path: str | Path, seed: int = 0, *, steps: int | None
         recipe = dataclasses.replace(recipe, steps=steps)
     out_path = Path(out_path)
     info_path = info_path_for(out_path)
-    if not force and (info := _existing(out_path, info_path, recipe.digest())) is not None:
+    if not force and (info := existing_encoder_info(out_path, info_path, recipe.digest())) is not None:
         return DemoEncoder(out_path, info_path, info, trained=False)
     pixels, labels = load_digit_pixels()
     train_idx, held_idx = digit_split(recipe.seed, recipe.heldout_fraction)
@@ -806,11 +816,11 @@ def build_demo_encoder(out_path: str | Path, seed: int = 0, *, steps: int | None
         "torch": torch.__version__,
     }
     info["sha256"] = save_state_dict(model.state_dict(), out_path)
-    _atomic_write(info_path, json.dumps(info, indent=1).encode())
+    atomic_write(info_path, json.dumps(info, indent=1).encode())
     return DemoEncoder(out_path, info_path, info, trained=True)
 
 
-def _existing(out_path: Path, info_path: Path, digest: str) -> dict[str, Any] | None:
+def existing_encoder_info(out_path: Path, info_path: Path, digest: str) -> dict[str, Any] | None:
     if not (out_path.is_file() and info_path.is_file()):
         return None
     try:
@@ -853,7 +863,7 @@ def save_state_dict(state: dict[str, Tensor], path: str | Path) -> str:
     return digest
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -16,6 +16,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands with their own argument parser: name -> (module, one-line help).
 DELEGATED_COMMANDS = {
     "demo": ("ibllm.demo", "prepare the embedded demo (digit shards, instructions, stage-0 towers)"),
+    "easyvqa": ("ibllm.easyvqa", "easy-VQA demo on real data: `prepare` (shards, instructions, stage-0 towers), `evaluate` a checkpoint (make eval)"),
     "bind": ("ibllm.binding", "stage 0: contrastively bind an ImageBind tower to another (e.g. a new modality)"),
     "score": ("ibllm.evaluation.mme", "score answers the official way: `score mme RESULTS_DIR` (per-subtask <task>.txt)"),
     "evaluate": ("ibllm.evaluation.runner", "evaluate a checkpoint on MME / OCR / VQA / caption / KIE / VisDial data (paper protocols)"),

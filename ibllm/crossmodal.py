@@ -43,11 +43,11 @@ from torch import Tensor
 from ibllm.binding import (
     DIGIT_WORDS,
     EpochSampler,
-    _atomic_write,
-    _existing,
+    atomic_write,
     bind_towers,
     class_prompts,
     digit_split,
+    existing_encoder_info,
     file_sha256,
     grey_vision_embed,
     load_digit_pixels,
@@ -197,7 +197,7 @@ def write_spoken_digits(out_dir: str | Path, spec: SpeechSpec | None = None, for
     if bar is not None:
         bar.close()
     info = {"spec_hash": spec.digest(), "spec": dataclasses.asdict(spec), **result}
-    _atomic_write(marker, json.dumps(info, indent=1).encode())
+    atomic_write(marker, json.dumps(info, indent=1).encode())
     return SpokenDigits(out, result["train"], result["heldout"], spec.digest())
 
 
@@ -384,7 +384,7 @@ def build_audio_encoder(root: str | Path = DEFAULT_ROOT, base: str | Path | None
         raise FileNotFoundError(f"base demo encoder {base} not found: run `python -m ibllm demo prepare` first")
     base_sha = file_sha256(base)
     digest = recipe.digest(base_sha)
-    if not force and (info := _existing(out_path, info_path, digest)) is not None:
+    if not force and (info := existing_encoder_info(out_path, info_path, digest)) is not None:
         return AudioEncoder(out_path, info_path, info, trained=False)
 
     anchor = load_imagebind(base, recipe.cfg, ["vision", "text"])
@@ -431,7 +431,7 @@ def build_audio_encoder(root: str | Path = DEFAULT_ROOT, base: str | Path | None
         "torch": torch.__version__,
     }
     info["sha256"] = save_state_dict(state, out_path)
-    _atomic_write(info_path, json.dumps(info, indent=1).encode())
+    atomic_write(info_path, json.dumps(info, indent=1).encode())
     return AudioEncoder(out_path, info_path, info, trained=True)
 
 
@@ -636,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> list[CellResult]:
                               "n": r.n, "examples": r.examples[:10]} for r in results],
                    "table": table, "audio_tower": encoder.info["accuracy"], "adapter": str(adapter),
                    "cache": str(cache_dir), "text_templates": list(TEXT_TEMPLATES)}
-        _atomic_write(Path(args.json), json.dumps(payload, indent=1).encode())
+        atomic_write(Path(args.json), json.dumps(payload, indent=1).encode())
     return results
 
 

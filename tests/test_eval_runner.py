@@ -160,3 +160,23 @@ def test_callback_logs_eval_metrics_to_tensorboard(tmp_path, sp_model, instructi
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent))
     events.Reload()
     assert "eval/vqa/accuracy" in events.Tags()["scalars"]
+
+
+def test_answers_of_another_evaluation_are_refused_or_discarded(tmp_path, single_run, adapter, sp_model, ocr_data,
+                                                                 capsys):
+    import shutil
+
+    for name in ("answers.json", "run.json"):
+        shutil.copy(single_run / name, tmp_path / name)
+    recorded = json.loads((tmp_path / "run.json").read_text())
+    assert recorded["checkpoint"] == adapter and len(recorded["checkpoint_sha256"]) == 64
+    greedy = ["--task", "ocr", "--data", ocr_data, "--out", str(tmp_path), *model_args(adapter, sp_model)]
+    with pytest.raises(SystemExit, match=r"another evaluation \(differs in: settings\).*--restart"):
+        runner.main(greedy)  # temperature 0 instead of the recorded sampled run
+    assert (tmp_path / "answers.json").read_text() == (single_run / "answers.json").read_text()
+    capsys.readouterr()
+    runner.main([*greedy, "--restart"])
+    out = capsys.readouterr().out
+    assert "discarding the answers" in out and "5 samples, 0 already answered" in out
+    assert json.loads((tmp_path / "answers.json").read_text())["settings"]["temperature"] == 0.0
+    assert json.loads((tmp_path / "run.json").read_text())["settings"]["temperature"] == 0.0

@@ -229,6 +229,12 @@ def easy_vqa_split(split: str = "test") -> tuple[list[tuple[str, str, int]], dic
     return list(zip(texts, answers, ids)), paths
 
 
+def mme_question(question: str) -> str:
+    """An easy-VQA yes/no question in MME's phrasing: ``is there a circle?`` ->
+    ``Is there a circle? Please answer yes or no.``"""
+    return f"{question[0].upper()}{question[1:]} {MME_SUFFIX}"
+
+
 def read_easy_vqa(task: str, split: str = "test") -> list[Sample]:
     """easy-VQA questions as VQA samples, or (``task="mme"``) as MME-style yes/no pairs."""
     questions, paths = easy_vqa_split(split)
@@ -248,7 +254,7 @@ def read_easy_vqa(task: str, split: str = "test") -> list[Sample]:
         if "yes" not in pair or "no" not in pair:
             continue
         for k, answer in enumerate(("yes", "no")):
-            question = f"{pair[answer][0].upper()}{pair[answer][1:]} {MME_SUFFIX}"
+            question = mme_question(pair[answer])
             samples.append(Sample(id=f"easyvqa/{image_id}/{k}", task="mme", image=paths[image_id], question=question,
                                   answers=[answer.capitalize()], subtask="easyvqa", extra={"image_name": f"{image_id}.png"}))
     return samples

@@ -7,7 +7,9 @@
   ``OUT/answers.rank<R>.jsonl``; rank 0 gathers them into ``OUT/answers.json`` (sample order,
   deterministic) and removes the partial files.
 * Resumable: a run that finds ``answers.json`` or partial files in ``OUT`` answers only the samples not
-  answered yet (rank 0 decides and broadcasts, so every rank splits the same list).
+  answered yet (rank 0 decides and broadcasts, so every rank splits the same list). ``OUT/run.json``
+  records what produced them (task, data, checkpoint sha256, model files, decoding settings); answers of
+  a different evaluation are refused (``--restart`` discards them).
 * Scores go to ``OUT/metrics.json`` and ``OUT/results.md`` (ours beside the paper's numbers); MME also
   writes ``OUT/mme_results/<task>.txt`` in the official tool's format (score it with
   ``python -m ibllm score mme OUT/mme_results``).
@@ -39,6 +41,7 @@ from ibllm.evaluation.readers import EASY_VQA, TASKS, DataError, Sample, read_ta
 
 ANSWERS = "answers.json"
 PARTIAL = "answers.rank{rank}.jsonl"
+RUN_FILE = "run.json"
 PAPER_BY_TASK = {"ocr": ocr.PAPER_OCR, "vqa": vqa.PAPER_VQA, "caption": cider_mod.PAPER_CAPTION, "kie": kie.PAPER_KIE,
                  "visdial": {"VisDial": visdial.PAPER_VISDIAL_MRR}}
 MAIN_METRIC = {"ocr": "accuracy", "vqa": "accuracy", "caption": "cider", "kie": "f1", "visdial": "mrr"}
@@ -220,6 +223,49 @@ def write_answers(out: Path, task: str, data: str, samples: Sequence[Sample], an
     return out / ANSWERS
 
 
+def launched_rank() -> int:
+    """This process's global rank as its launcher set it (``RANK``, ``SLURM_PROCID``, ``LOCAL_RANK``; else 0)."""
+    import os
+
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def run_identity(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]:
+    """What makes answers reusable: task, data, model files (the checkpoint by sha256) and decoding settings."""
+    from ibllm.binding import file_sha256
+
+    checkpoint = args.checkpoint
+    return {"task": args.task, "data": str(args.data), "checkpoint": checkpoint,
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+            "llm": args.llm, "tokenizer": args.tokenizer, "imagebind": args.imagebind,
+            "imagebind_weights": args.imagebind_weights, "dtype": args.dtype, "settings": asdict(settings)}
+
+
+def claim_output(out: Path, identity: dict[str, Any], on_change: str = "error") -> None:
+    """Record ``identity`` in ``OUT/run.json``. Answers already in ``out`` whose ``run.json`` records another
+    identity are an error (``on_change="error"``) or discarded (``"restart"``); ``"always"`` discards any."""
+    path = out / RUN_FILE
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except json.JSONDecodeError:
+        previous = {}
+    has_answers = (out / ANSWERS).is_file() or any(out.glob("answers.rank*.jsonl"))
+    # answers without a run.json (written by hand or an older version) are trusted
+    changed = has_answers and previous is not None and previous != identity
+    if changed and on_change == "error":
+        differs = sorted(k for k in identity if previous.get(k) != identity[k]) or ["run.json"]
+        raise DataError(f"{out} holds answers of another evaluation (differs in: {', '.join(differs)}); "
+                        "pass --restart to discard them, or choose another --out")
+    if has_answers and (changed or on_change == "always"):
+        print(f"{out}: discarding the answers of the previous evaluation", flush=True)
+        for stale in [out / ANSWERS, *out.glob("answers.rank*.jsonl")]:
+            stale.unlink()
+    write_text_atomic(path, json.dumps(identity, indent=1) + "\n")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary file + rename."""
     import os
@@ -349,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--accelerator", default="auto")
     r.add_argument("--devices", default="1", help="devices (= processes) to spread the samples over")
     r.add_argument("--num-nodes", type=int, default=1)
+    r.add_argument("--restart", dest="on_change", action="store_const", const="always", default="error",
+                   help="discard answers already in --out (default: resume them; an error if they came from "
+                        "another checkpoint, data or decoding settings)")
     return p
 
 
@@ -370,7 +419,7 @@ def summary_lines(task: str, data: str, metrics: dict[str, float]) -> list[str]:
         if easy and "easyvqa" in metrics:
             lines.append(f"easyvqa_mme_style_score: {metrics['easyvqa']:.2f}")
     elif easy and task == "vqa":
-        lines.append(f"easyvqa_accuracy: {metrics['accuracy'] / 100:.4f}")
+        lines.append(f"easyvqa_accuracy: {metrics['accuracy'] / 100:.2f}")
     else:
         key = MAIN_METRIC[task]
         lines.append(f"{task}_{key}: {metrics[key]:.2f}")
@@ -383,8 +432,12 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
     samples = read_task(args.task, args.data, args.limit)
     out = Path(args.out or f"eval/{args.task}")
     out.mkdir(parents=True, exist_ok=True)
+    on_change = getattr(args, "on_change", "error")
+    if launched_rank() == 0:  # processes started beside rank 0 (torchrun, srun) leave the folder to it
+        claim_output(out, run_identity(args, settings), on_change)
     devices: int | str = int(args.devices) if str(args.devices).lstrip("-").isdigit() else args.devices
-    pending = [s for s in samples if s.id not in read_done(out)]
+    done = read_done(out) if launched_rank() == 0 or on_change != "always" else {}
+    pending = [s for s in samples if s.id not in done]
     print(f"{args.task}: {len(samples)} samples, {len(samples) - len(pending)} already answered in {out}", flush=True)
     if pending:
         model, tokenizer = load_model(args)

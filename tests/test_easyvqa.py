@@ -1,0 +1,172 @@
+"""The easy-VQA demo on real data (the ``easy-vqa`` PyPI package, in the dev extra): labels read off the
+questions, the stage-1 / stage-2 writers, the stage-0 binding task, and the whole `make eval` flow shortened
+(tiny random LM, a few steps, a few test questions) through the real CLI and experiment files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.easyvqa_data import (
+    COLORS,
+    SHAPES,
+    class_index,
+    image_attributes,
+    question_facts,
+    write_easyvqa_instructions,
+    write_easyvqa_shards,
+)
+from ibllm.evaluation.readers import easy_vqa_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("question, answer, facts", [
+    ("what color is the triangle?", "blue", {"blue", "triangle"}),
+    ("what shape is in the image?", "circle", {"circle"}),
+    ("what is the teal shape?", "rectangle", {"teal", "rectangle"}),
+    ("does the image contain a green shape?", "yes", {"green"}),
+    ("is there a rectangle?", "no", set()),
+    ("is there not a red shape?", "no", {"red"}),
+    ("is there not a red shape in the image?", "yes", set()),
+    ("is no circle present?", "no", {"circle"}),
+    ("does the image not contain a gray shape?", "no", {"gray"}),
+])
+def test_question_facts(question, answer, facts):
+    assert question_facts(question, answer) == facts
+
+
+def test_image_attributes_need_one_colour_and_one_shape():
+    questions = [
+        ("what color is the shape?", "red", 1), ("is there a circle?", "yes", 1),  # complete
+        ("what color is the shape?", "blue", 2),  # shape unknown
+        ("is there a green shape?", "yes", 3), ("what color is the shape?", "teal", 3),  # contradictory
+        ("what shape is present?", "triangle", 3),
+    ]
+    assert image_attributes(questions) == {1: ("red", "circle")}
+    assert class_index("red", "circle") == 0 and class_index("yellow", "triangle") == 23
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_derived_labels_answer_every_question_of_the_real_data(split):
+    questions, _ = easy_vqa_split(split)
+    labels = image_attributes(questions)
+    assert len(labels) > 0.85 * len({i for _, _, i in questions})
+    checked = 0
+    for question, answer, image_id in questions:
+        if image_id not in labels:
+            continue
+        color, shape = labels[image_id]
+        named = [w for w in (*COLORS, *SHAPES) if re.search(rf"\b{w}\b", question)]
+        if answer in ("yes", "no"):
+            negated = bool(re.search(r"\b(not|no)\b", question))
+            present = named[0] in (color, shape)
+            assert answer == ("yes" if present != negated else "no"), (question, answer, labels[image_id])
+        else:
+            assert answer in (color, shape) and all(w in (color, shape) for w in named), (question, answer)
+        checked += 1
+    assert checked > 0.85 * len(questions)
+
+
+def test_writers_are_idempotent_and_readable(tmp_path):
+    import webdataset as wds
+
+    from datamodules.instructions import load_records
+
+    shards = write_easyvqa_shards(tmp_path / "shards", max_images=40, shard_size=16)
+    assert shards.n_images == 40 and len(shards.paths) == 3
+    rows = list(wds.WebDataset(shards.paths, shardshuffle=False, empty_check=False))
+    assert len(rows) == 40
+    for row in rows:
+        meta = json.loads(row["json"])
+        caption = row["txt"].decode()
+        assert meta["color"] in caption and meta["shape"] in caption, caption
+        assert row["png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+    made = write_easyvqa_instructions(tmp_path / "instructions", max_images=6, mme_style_fraction=0.5)
+    questions, _ = easy_vqa_split("train")
+    kept = sorted({i for _, _, i in questions})[:6]
+    assert made.n_items == sum(i in kept for _, _, i in questions) and made.n_images == 6
+    records = load_records(made.train)
+    assert len(records) == made.n_items and all(Path(r.image).is_file() for r in records)
+    mme = [r for r in records if r.turns[0][0].endswith("Please answer yes or no.")]
+    assert len(mme) == made.n_mme_style > 0
+    assert all(r.turns[0][1] in ("yes", "no") and r.turns[0][0][0].isupper() for r in mme)
+
+    stamp = Path(made.train).stat().st_mtime_ns
+    assert write_easyvqa_instructions(tmp_path / "instructions", max_images=6, mme_style_fraction=0.5) == made
+    assert Path(made.train).stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="mme_style_fraction"):
+        write_easyvqa_instructions(tmp_path / "other", mme_style_fraction=1.5)
+
+
+def test_binding_task_pairs_images_with_captions_of_their_class():
+    from ibllm.easyvqa import ShapeBinding, load_split_images
+    from ibllm.processing.clip_tokenizer import tokenize
+
+    images, labels = load_split_images("train")
+    task = ShapeBinding(images[:64], labels[:64], templates=("a {color} {shape}", "one {color} {shape}"))
+    pixels, tokens, mask = task.train_batch(32, torch.Generator().manual_seed(0))
+    assert pixels.shape == (32, 3, 224, 224)
+    # the task's sampler draws its first epoch with randperm before anything else uses the generator
+    batch_labels = labels[:64][torch.randperm(64, generator=torch.Generator().manual_seed(0))[:32]]
+    # Recover which class each caption names, then compare the mask with the image labels.
+    prompts = {c: tokenize([f"a {c[0]} {c[1]}", f"one {c[0]} {c[1]}"]) for c in
+               [(col, sh) for col in COLORS for sh in SHAPES]}
+    caption_class = []
+    for row in tokens:
+        for (col, sh), toks in prompts.items():
+            if any(torch.equal(row, t[: len(row)]) for t in toks):
+                caption_class.append(class_index(col, sh))
+                break
+    assert len(caption_class) == len(tokens) == len(set(map(tuple, tokens.tolist())))
+    assert mask.shape == (32, len(tokens)) and bool(mask.any(dim=1).all())
+    # an image's positives are exactly the captions naming its own class
+    for label, row in zip(batch_labels.tolist(), mask):
+        assert {caption_class[j] for j in row.nonzero().flatten().tolist()} == {label}
+        assert all(row[j] == (caption_class[j] == label) for j in range(len(tokens)))
+
+
+def test_tiny_towers_learn_colour_from_the_real_images(tmp_path):
+    from ibllm.easyvqa import EasyVQARecipe, build_easyvqa_encoder
+
+    recipe = EasyVQARecipe(cfg="tiny", steps=40, batch_size=32, warmup=5, lr=3e-3)
+    built = build_easyvqa_encoder(tmp_path / "enc.safetensors", recipe, progress=False)
+    info = json.loads(built.info_path.read_text())
+    assert built.trained and info["data"]["n_test_images"] > 800
+    assert info["accuracy"]["test"]["color_acc"] > 0.5, info["accuracy"]  # chance: 1/8
+    again = build_easyvqa_encoder(tmp_path / "enc.safetensors", recipe, progress=False)
+    assert not again.trained and again.info == built.info
+
+
+def run_cli(args: list[str], cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "ibllm", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_make_eval_flow_shortened(tmp_path, sp_model):
+    """prepare -> stage 1 -> stage 2 -> evaluate, as `make eval` runs it (tiny LM, 3 steps, 12 questions)."""
+    out = run_cli(["easyvqa", "prepare", "--stage0-steps", "3", "--quiet"], tmp_path)
+    assert "easy-vqa encoder: data/easyvqa/encoder.safetensors (trained)" in out
+    tiny = ["--model.init_args.llm", "tiny", "--model.init_args.tokenizer", sp_model, "--data.init_args.tokenizer",
+            sp_model, "--data.init_args.num_workers", "0", "--trainer.max_steps", "3"]
+    for stage in ("pretrain", "finetune"):
+        run_cli(["fit", "--config", str(ROOT / f"experiments/easyvqa_{stage}.yaml"), *tiny], tmp_path)
+        assert (tmp_path / f"runs/easyvqa_{stage}/checkpoints/last.ckpt").is_file()
+    evaluate = ["easyvqa", "evaluate", "--llm", "tiny", "--tokenizer", sp_model, "--limit", "12", "--batch-size", "4"]
+    lines = run_cli(evaluate, tmp_path).strip().splitlines()
+    assert re.fullmatch(r"easyvqa_accuracy: \d\.\d\d", lines[-2]), lines[-2:]
+    assert re.fullmatch(r"easyvqa_mme_style_score: \d+\.\d\d", lines[-1]), lines[-2:]
+    answers = json.loads((tmp_path / "eval/easyvqa/vqa/answers.json").read_text())["answers"]
+    assert len(answers) == 12 and (tmp_path / "eval/easyvqa/mme/mme_results/easyvqa.txt").is_file()
+    # a second run reuses the answers; a retrained checkpoint starts over
+    assert "12 already answered" in run_cli(evaluate, tmp_path)
+    run_cli(["fit", "--config", str(ROOT / "experiments/easyvqa_finetune.yaml"), *tiny[:-1], "6"], tmp_path)
+    assert "discarding the answers of the previous evaluation" in run_cli(evaluate, tmp_path)
