@@ -69,3 +69,26 @@ class SampleGenerations(L.Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("samples", "\n\n".join(lines), trainer.global_step)
+
+
+class SampleKeyLog(L.Callback):
+    """Appends the sample keys of every training batch to ``dirpath/keys.rank<R>.txt`` (one line per batch:
+    ``global_step<TAB>key key ...``) — an audit of which samples each rank trained on, and in what order.
+
+    Needs batches with a ``key`` list (the caption data modules provide one). The files are appended to
+    across resumes, so a requeued job's lines follow the ones before the interruption.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        from pathlib import Path
+
+        keys = batch.get("key") if isinstance(batch, dict) else None
+        if not keys:
+            return
+        folder = Path(self.dirpath)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"keys.rank{trainer.global_rank}.txt", "a", encoding="utf-8") as handle:
+            handle.write(f"{trainer.global_step}\t{' '.join(map(str, keys))}\n")

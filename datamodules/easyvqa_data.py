@@ -147,17 +147,44 @@ class EasyVQAInstructions:
 
     train: str = ""
     n_items: int = 0
+    n_questions: int = 0
     n_mme_style: int = 0
     n_images: int = 0
 
 
+def yes_no_group(question: str) -> tuple[bool, str]:
+    """``(negated, "colour" | "shape")`` of a yes/no question: the groups whose answer priors differ."""
+    return bool(_NEGATION_RE.search(question.lower())), "colour" if _COLOR_RE.search(question.lower()) else "shape"
+
+
+def balance_yes_no(items: list[dict], answers: list[str], questions: list[str], rng: random.Random) -> list[dict]:
+    """``items`` plus repeats of the rarer answer's yes/no items, so that in every :func:`yes_no_group`
+    yes and no are equally frequent (the minority repeated whole times, then a random remainder)."""
+    groups: dict[tuple[bool, str], dict[str, list[dict]]] = {}
+    for item, answer, question in zip(items, answers, questions):
+        if answer in ("yes", "no"):
+            groups.setdefault(yes_no_group(question), {"yes": [], "no": []})[answer].append(item)
+    extra = []
+    for by_answer in groups.values():
+        few, many = sorted(by_answer.values(), key=len)
+        if not few:
+            continue
+        missing = len(many) - len(few)
+        repeats = few * (missing // len(few)) + rng.sample(few, missing % len(few))
+        extra += [dict(item, id=f"{item['id']}-repeat{k}") for k, item in enumerate(repeats)]
+    return items + extra
+
+
 def write_easyvqa_instructions(out_dir: str | Path, seed: int = 0, mme_style_fraction: float = 0.25,
-                               max_images: int | None = None) -> EasyVQAInstructions:
+                               balance: bool = False, max_images: int | None = None) -> EasyVQAInstructions:
     """Every train question as a one-turn LLaVA item in ``out_dir/llava_train.json`` (idempotent).
 
     ``mme_style_fraction`` of the yes/no questions get the MME phrasing
     (:func:`ibllm.evaluation.readers.mme_question`); answers stay easy-VQA's own (``yes``, ``teal``, ...).
-    ``max_images`` keeps only the questions of the first N images.
+    ``balance`` repeats yes/no items until yes and no are equally frequent within each :func:`yes_no_group`.
+    In the raw data "is there a red shape?" is "no" for 7 images in 8, and the demo's stage 2 answers such
+    questions from the question alone; balanced, 400 steps do not get past chance on them (README).
+    ``max_images`` keeps the first N images' questions.
     """
     from ibllm.evaluation.readers import easy_vqa_split, mme_question
 
@@ -165,7 +192,7 @@ def write_easyvqa_instructions(out_dir: str | Path, seed: int = 0, mme_style_fra
         raise ValueError(f"mme_style_fraction must be in [0, 1], got {mme_style_fraction}")
     out = Path(out_dir)
     params = {"kind": "easyvqa_instructions", "seed": seed, "mme_style_fraction": mme_style_fraction,
-              "max_images": max_images}
+              "balance": balance, "max_images": max_images}
     if (info := read_marker(out, DONE_INSTRUCTIONS, params)) is not None:
         return EasyVQAInstructions(**info["result"])
     questions, paths = easy_vqa_split("train")
@@ -175,17 +202,22 @@ def write_easyvqa_instructions(out_dir: str | Path, seed: int = 0, mme_style_fra
     for image_id in sorted(keep):
         shutil.copyfile(paths[image_id], out / "images" / f"{image_id}.png")
     rng = random.Random(seed)
-    items, n_mme = [], 0
+    items, answers, texts, n_mme = [], [], [], 0
     for k, (question, answer, image_id) in enumerate(questions):
         if image_id not in keep:
             continue
+        texts.append(question)
         if answer in ("yes", "no") and rng.random() < mme_style_fraction:
             question, n_mme = mme_question(question), n_mme + 1
         items.append({"id": f"easyvqa-train-{k}", "image": f"images/{image_id}.png",
                       "conversations": [{"from": "human", "value": f"<image>\n{question}"},
                                         {"from": "gpt", "value": answer}]})
+        answers.append(answer)
+    n_questions = len(items)
+    if balance:
+        items = balance_yes_no(items, answers, texts, rng)
     path = out / "llava_train.json"
     path.write_text(json.dumps(items, indent=0))
-    result = EasyVQAInstructions(str(path), len(items), n_mme, len(keep))
+    result = EasyVQAInstructions(str(path), len(items), n_questions, n_mme, len(keep))
     (out / DONE_INSTRUCTIONS).write_text(json.dumps({"params": params, "result": asdict(result)}, indent=1))
     return result

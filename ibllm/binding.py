@@ -29,8 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ibllm.atomic import atomic_write, write_bytes_atomic
 from ibllm.config import ImageBindConfig, imagebind_preset
 from ibllm.models.imagebind import ImageBindModel
 
@@ -816,7 +815,7 @@ def build_demo_encoder(out_path: str | Path, seed: int = 0, *, steps: int | None
         "torch": torch.__version__,
     }
     info["sha256"] = save_state_dict(model.state_dict(), out_path)
-    atomic_write(info_path, json.dumps(info, indent=1).encode())
+    write_bytes_atomic(info_path, json.dumps(info, indent=1).encode())
     return DemoEncoder(out_path, info_path, info, trained=True)
 
 
@@ -846,9 +845,10 @@ def save_state_dict(state: dict[str, Tensor], path: str | Path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    digest = ""
+
+    def write(tmp: str) -> None:
+        nonlocal digest
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -856,22 +856,9 @@ def save_state_dict(state: dict[str, Tensor], path: str | Path) -> str:
         else:
             torch.save(tensors, tmp)
         digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return digest
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -32,10 +32,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ibllm.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -415,18 +415,6 @@ def _tune(result: BuildResult, embeddings: Any, queries: np.ndarray | None, n_qu
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_values(embeddings: Any, path: str | Path, dtype: str = "float16") -> None:
     """Write ``embeddings`` ``[N,C]`` to ``path`` as an ``.npy`` file of ``dtype``, chunk by chunk, atomically."""
     n, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
@@ -438,7 +426,7 @@ def save_values(embeddings: Any, path: str | Path, dtype: str = "float16") -> No
         arr.flush()
         del arr
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def save_cache(result: BuildResult, embeddings: Any, ids: Sequence[str] | None, out: str | Path,
@@ -456,9 +444,9 @@ def save_cache(result: BuildResult, embeddings: Any, ids: Sequence[str] | None, 
         save_values(embeddings, out / VALUES_FILE, values_dtype)
     else:
         (out / VALUES_FILE).unlink(missing_ok=True)
-    _atomic_write(out / INDEX_FILE, lambda tmp: faiss.write_index(result.index, tmp))
+    atomic_write(out / INDEX_FILE, lambda tmp: faiss.write_index(result.index, tmp))
     if ids is not None:
-        _atomic_write(out / IDS_FILE, lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in ids)))
+        atomic_write(out / IDS_FILE, lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in ids)))
     else:
         (out / IDS_FILE).unlink(missing_ok=True)
     meta = {
@@ -472,7 +460,7 @@ def save_cache(result: BuildResult, embeddings: Any, ids: Sequence[str] | None, 
         "tuning": result.tuning, "build_seconds": round(result.build_seconds, 2),
         "index_bytes": (out / INDEX_FILE).stat().st_size,
     }
-    _atomic_write(out / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return load_cache(out)
 
 

@@ -8,13 +8,11 @@ here (:func:`ours_to_official` / :func:`official_to_ours`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from argparse import Namespace
 from collections.abc import Iterable, Mapping
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ibllm.atomic import atomic_write, write_text_atomic
 from ibllm.config import LLaMAConfig
 
 log = logging.getLogger(__name__)
@@ -119,26 +118,14 @@ def save_atomic(obj_or_state: Any, path: PathLike, metadata: dict[str, str] | No
     anything else is written with ``torch.save``. A crash never leaves a half-written file at ``path``.
     """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         if p.suffix == ".safetensors":
             _save_safetensors(obj_or_state, tmp, metadata)
         else:
             torch.save(obj_or_state, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(p, write)
 
 
 def _save_safetensors(state: Mapping[str, Tensor], path: str, metadata: dict[str, str] | None) -> None:
@@ -171,13 +158,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def _write_json(data: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------

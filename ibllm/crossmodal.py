@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ibllm.atomic import atomic_write, write_bytes_atomic
 from ibllm.binding import (
     DIGIT_WORDS,
     EpochSampler,
-    atomic_write,
     bind_towers,
     class_prompts,
     digit_split,
@@ -132,20 +131,15 @@ def synthesize(text: str, out: str | Path, voice: str = "en-us", speed: int = 16
                binary: str | None = None) -> Path:
     """Speak ``text`` with ``espeak-ng`` into the WAV file ``out`` (written atomically); returns its path."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".wav", dir=out.parent)
-    os.close(fd)
-    cmd = [binary or espeak_binary(), "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "-w", tmp, text]
-    try:
+
+    def write(tmp: str) -> None:
+        cmd = [binary or espeak_binary(), "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "-w", tmp, text]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if run.returncode != 0 or os.path.getsize(tmp) <= 44:
             raise RuntimeError(f"espeak-ng failed for voice {voice!r} (speed {speed}, pitch {pitch}) -> {out}: "
                                f"{(run.stderr or run.stdout).strip() or 'empty WAV'}")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+
+    return atomic_write(out, write, suffix=".wav")
 
 
 @dataclass
@@ -197,7 +191,7 @@ def write_spoken_digits(out_dir: str | Path, spec: SpeechSpec | None = None, for
     if bar is not None:
         bar.close()
     info = {"spec_hash": spec.digest(), "spec": dataclasses.asdict(spec), **result}
-    atomic_write(marker, json.dumps(info, indent=1).encode())
+    write_bytes_atomic(marker, json.dumps(info, indent=1).encode())
     return SpokenDigits(out, result["train"], result["heldout"], spec.digest())
 
 
@@ -431,7 +425,7 @@ def build_audio_encoder(root: str | Path = DEFAULT_ROOT, base: str | Path | None
         "torch": torch.__version__,
     }
     info["sha256"] = save_state_dict(state, out_path)
-    atomic_write(info_path, json.dumps(info, indent=1).encode())
+    write_bytes_atomic(info_path, json.dumps(info, indent=1).encode())
     return AudioEncoder(out_path, info_path, info, trained=True)
 
 
@@ -636,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> list[CellResult]:
                               "n": r.n, "examples": r.examples[:10]} for r in results],
                    "table": table, "audio_tower": encoder.info["accuracy"], "adapter": str(adapter),
                    "cache": str(cache_dir), "text_templates": list(TEXT_TEMPLATES)}
-        atomic_write(Path(args.json), json.dumps(payload, indent=1).encode())
+        write_bytes_atomic(Path(args.json), json.dumps(payload, indent=1).encode())
     return results
 
 

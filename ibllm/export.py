@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ibllm.atomic import write_text_atomic
 from ibllm.inference import (MERGED_CONFIG, MERGED_EXTRA, SAFETENSORS_META_KEY, VISUAL_WV, Adapter,
                              VisualProjectionLinear, adapter_dims, base_fingerprint, build_from_adapter, merge_lora,
                              read_adapter)
@@ -68,17 +69,7 @@ def _meta_for_file(ad: Adapter, stage: str) -> dict[str, Any]:
 
 
 def _write_json_atomic(data: Mapping[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _stage(ad: Adapter, stage: str | None) -> str:

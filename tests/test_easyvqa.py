@@ -16,11 +16,13 @@ import torch
 from datamodules.easyvqa_data import (
     COLORS,
     SHAPES,
+    balance_yes_no,
     class_index,
     image_attributes,
     question_facts,
     write_easyvqa_instructions,
     write_easyvqa_shards,
+    yes_no_group,
 )
 from ibllm.evaluation.readers import easy_vqa_split
 
@@ -89,21 +91,47 @@ def test_writers_are_idempotent_and_readable(tmp_path):
         assert meta["color"] in caption and meta["shape"] in caption, caption
         assert row["png"][:8] == b"\x89PNG\r\n\x1a\n"
 
-    made = write_easyvqa_instructions(tmp_path / "instructions", max_images=6, mme_style_fraction=0.5)
+    made = write_easyvqa_instructions(tmp_path / "instructions", max_images=6, mme_style_fraction=0.5, balance=True)
     questions, _ = easy_vqa_split("train")
     kept = sorted({i for _, _, i in questions})[:6]
-    assert made.n_items == sum(i in kept for _, _, i in questions) and made.n_images == 6
+    assert made.n_questions == sum(i in kept for _, _, i in questions) and made.n_images == 6
     records = load_records(made.train)
-    assert len(records) == made.n_items and all(Path(r.image).is_file() for r in records)
-    mme = [r for r in records if r.turns[0][0].endswith("Please answer yes or no.")]
+    assert len(records) == made.n_items > made.n_questions and all(Path(r.image).is_file() for r in records)
+    originals = json.loads(Path(made.train).read_text())[: made.n_questions]
+    assert all("repeat" not in item["id"] for item in originals)
+    mme = [r for r in records[: made.n_questions] if r.turns[0][0].endswith("Please answer yes or no.")]
     assert len(mme) == made.n_mme_style > 0
     assert all(r.turns[0][1] in ("yes", "no") and r.turns[0][0][0].isupper() for r in mme)
+    # balanced: within each kind of yes/no question, as many yes as no answers
+    counts: dict = {}
+    for r in records:
+        question, answer = r.turns[0]
+        if answer in ("yes", "no"):
+            group = yes_no_group(question.removesuffix(" Please answer yes or no."))
+            counts.setdefault(group, {"yes": 0, "no": 0})[answer] += 1
+    assert counts and all(c["yes"] == c["no"] for c in counts.values()), counts
 
     stamp = Path(made.train).stat().st_mtime_ns
-    assert write_easyvqa_instructions(tmp_path / "instructions", max_images=6, mme_style_fraction=0.5) == made
+    assert write_easyvqa_instructions(tmp_path / "instructions", max_images=6, mme_style_fraction=0.5,
+                                      balance=True) == made
     assert Path(made.train).stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="mme_style_fraction"):
         write_easyvqa_instructions(tmp_path / "other", mme_style_fraction=1.5)
+
+
+def test_balance_repeats_the_rarer_answer_per_question_kind():
+    import random
+
+    rows = [("is there a red shape?", "no")] * 5 + [("is there a blue shape?", "yes")] * 2 + \
+           [("is there not a circle?", "yes")] * 3 + [("is there not a triangle?", "no")] + [("what color?", "red")]
+    items = [{"id": str(k), "q": q} for k, (q, _) in enumerate(rows)]
+    out = balance_yes_no(items, [a for _, a in rows], [q for q, _ in rows], random.Random(0))
+    assert out[: len(items)] == items
+    extra = out[len(items):]
+    # plain colour questions: 5 no vs 2 yes -> 3 more yes; negated shape questions: 3 yes vs 1 no -> 2 more no
+    assert sorted(e["q"] for e in extra) == ["is there a blue shape?"] * 3 + ["is there not a triangle?"] * 2
+    assert len({e["id"] for e in out}) == len(out)
+    assert yes_no_group("Is no circle present?") == (True, "shape") and yes_no_group("is a red shape present?") == (False, "colour")
 
 
 def test_binding_task_pairs_images_with_captions_of_their_class():
@@ -136,13 +164,13 @@ def test_binding_task_pairs_images_with_captions_of_their_class():
 def test_tiny_towers_learn_colour_from_the_real_images(tmp_path):
     from ibllm.easyvqa import EasyVQARecipe, build_easyvqa_encoder
 
-    recipe = EasyVQARecipe(cfg="tiny", steps=40, batch_size=32, warmup=5, lr=3e-3)
+    recipe = EasyVQARecipe(cfg="tiny", steps=30, batch_size=32, warmup=5, lr=3e-3)
     built = build_easyvqa_encoder(tmp_path / "enc.safetensors", recipe, progress=False)
     info = json.loads(built.info_path.read_text())
     assert built.trained and info["data"]["n_test_images"] > 800
     assert info["accuracy"]["test"]["color_acc"] > 0.5, info["accuracy"]  # chance: 1/8
     again = build_easyvqa_encoder(tmp_path / "enc.safetensors", recipe, progress=False)
-    assert not again.trained and again.info == built.info
+    assert not again.trained and again.info == info
 
 
 def run_cli(args: list[str], cwd: Path) -> str:
@@ -166,6 +194,9 @@ def test_make_eval_flow_shortened(tmp_path, sp_model):
     assert re.fullmatch(r"easyvqa_mme_style_score: \d+\.\d\d", lines[-1]), lines[-2:]
     answers = json.loads((tmp_path / "eval/easyvqa/vqa/answers.json").read_text())["answers"]
     assert len(answers) == 12 and (tmp_path / "eval/easyvqa/mme/mme_results/easyvqa.txt").is_file()
+    summary = json.loads((tmp_path / "eval/easyvqa/summary.json").read_text())
+    assert sum(n for _, n in summary["by_answer_type"].values()) == 12
+    assert f"{summary['easyvqa_accuracy']:.2f}" == lines[-2].split()[-1]
     # a second run reuses the answers; a retrained checkpoint starts over
     assert "12 already answered" in run_cli(evaluate, tmp_path)
     run_cli(["fit", "--config", str(ROOT / "experiments/easyvqa_finetune.yaml"), *tiny[:-1], "6"], tmp_path)

@@ -60,21 +60,34 @@ trainer:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {root}/checkpoints, save_last: true, every_n_train_steps: 1, save_top_k: 0}}
     - class_path: callbacks.preemption.RequeueAtStepEnd
+    - class_path: callbacks.monitors.SampleKeyLog
+      init_args: {{dirpath: {root}/keys}}
 model:
   class_path: ibllm.lit.PretrainModule
   init_args: {{llm: tiny, tokenizer: {sp}, imagebind: tiny, lr: 1.0e-3, warmup_steps: 0}}
 data:
   class_path: datamodules.WebDatasetCaptions
   init_args: {{train: '{shards}', tokenizer: {sp}, batch_size: 2, num_workers: 0, samples_per_epoch: 800,
-              max_words: 32, image_size: 224, shuffle_buffer: 4}}
+              max_words: 32, image_size: 224, shuffle_buffer: 4, resampled: {resampled}}}
 """
 
 
-def write_config(tmp_path: Path, sp_model: str, shards: str, max_steps: int) -> tuple[Path, Path]:
+def write_config(tmp_path: Path, sp_model: str, shards: str, max_steps: int,
+                 resampled: bool = True) -> tuple[Path, Path]:
     root = tmp_path / "run"
     cfg = tmp_path / "slurm_tiny.yaml"
-    cfg.write_text(CONFIG.format(max_steps=max_steps, root=root, sp=sp_model, shards=shards))
+    cfg.write_text(CONFIG.format(max_steps=max_steps, root=root, sp=sp_model, shards=shards,
+                                 resampled=str(resampled).lower()))
     return cfg, root
+
+
+def keys_by_rank(root: Path) -> dict[int, list[str]]:
+    """The sample keys each rank trained on (callbacks.monitors.SampleKeyLog), in order."""
+    out = {}
+    for path in sorted((root / "keys").glob("keys.rank*.txt")):
+        rank = int(path.stem.removeprefix("keys.rank"))
+        out[rank] = [k for line in path.read_text().splitlines() for k in line.split("\t")[1].split()]
+    return out
 
 
 def submit(cluster: LocalCluster, cfg: Path, nodes: int, gpus_per_node: int) -> tuple[str, str]:
@@ -112,6 +125,9 @@ def test_slurm_make_pretrain_runs_to_completion(slurm_cluster, tmp_path, sp_mode
     last = root / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # sharded: one file per rank
     assert meta(last)["global_step"] == 4
+    # each srun task read its rank from SLURM: the two resampled streams are different draws
+    keys = keys_by_rank(root)
+    assert sorted(keys) == [0, 1] and all(len(k) == 8 for k in keys.values()) and keys[0] != keys[1]
 
 
 def test_slurm_usr1_requeues_and_resumes(slurm_cluster, tmp_path, sp_model, caption_shards):
@@ -151,10 +167,16 @@ def test_slurm_usr1_requeues_and_resumes(slurm_cluster, tmp_path, sp_model, capt
 
 
 def test_slurm_two_nodes(slurm_two_node_cluster, tmp_path, sp_model, caption_shards):
-    cfg, root = write_config(tmp_path, sp_model, caption_shards, max_steps=3)
+    cfg, root = write_config(tmp_path, sp_model, caption_shards, max_steps=3, resampled=False)
     job, out = submit(slurm_two_node_cluster, cfg, 2, 1)
     assert "#SBATCH --nodes=2" in out
     state = slurm_two_node_cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout=240)
     assert state == "COMPLETED", job_logs(root) + slurm_two_node_cluster.logs()
     assert slurm_two_node_cluster.job_field(job, "NodeList") == "n[1-2]"
     assert meta(root / "checkpoints" / "last.ckpt")["global_step"] == 3
+    # shards split by the ranks SLURM gave the two tasks: each reads one whole shard ("<shard>_<index>" keys),
+    # not the other's
+    keys = keys_by_rank(root)
+    assert sorted(keys) == [0, 1] and all(len(k) == 6 for k in keys.values())
+    shards = [{k.split("_")[0] for k in keys[rank]} for rank in (0, 1)]
+    assert all(len(s) == 1 for s in shards) and shards[0] != shards[1], keys

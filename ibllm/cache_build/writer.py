@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ibllm.cache import _atomic_write
+from ibllm.atomic import atomic_write
 
 PARTS_DIR = "parts"
 
@@ -47,10 +47,14 @@ def write_part(out: str | Path, name: str, shard: str, ids: Sequence[str], embed
     """Write shard ``name``'s part atomically (the sidecar last, so it marks completion); returns the sidecar."""
     d = parts_dir(out)
     emb = np.ascontiguousarray(embeddings, dtype=np.dtype(dtype))
-    _atomic_write(d / f"{name}.npy", lambda tmp: np.save(open(tmp, "wb"), emb, allow_pickle=False))
-    _atomic_write(d / f"{name}.ids.txt", lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in ids)))
+    def write_npy(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.save would append ".npy" to a path
+            np.save(handle, emb, allow_pickle=False)
+
+    atomic_write(d / f"{name}.npy", write_npy)
+    atomic_write(d / f"{name}.ids.txt", lambda tmp: Path(tmp).write_text("".join(f"{i}\n" for i in ids)))
     info = {"shard": shard, "count": len(ids), "dim": int(emb.shape[1]), "dtype": dtype, "model_sha256": model_sha256}
-    _atomic_write(d / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(info) + "\n"))
+    atomic_write(d / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(info) + "\n"))
     return info
 
 
@@ -74,4 +78,4 @@ def marker_path(out: str | Path, rank: int, world_size: int) -> Path:
 
 def write_marker(out: str | Path, rank: int, world_size: int, summary: dict[str, Any]) -> None:
     """Record that this rank's parts are complete."""
-    _atomic_write(marker_path(out, rank, world_size), lambda tmp: Path(tmp).write_text(json.dumps(summary) + "\n"))
+    atomic_write(marker_path(out, rank, world_size), lambda tmp: Path(tmp).write_text(json.dumps(summary) + "\n"))

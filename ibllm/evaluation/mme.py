@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ibllm.atomic import write_text_atomic
+
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -111,18 +113,12 @@ def read_results_file(path: str | Path) -> list[MMERow]:
 
 def write_results_files(rows_by_task: dict[str, Iterable[tuple[str, str, str, str]]], folder: str | Path) -> list[Path]:
     """Write one official-format ``<task>.txt`` per subtask (atomically); returns the paths."""
-    import os
-    import tempfile
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for task, rows in rows_by_task.items():
         text = "".join(format_row(*row) + "\n" for row in rows)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{task}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, folder / f"{task}.txt")
+        write_text_atomic(folder / f"{task}.txt", text)
         paths.append(folder / f"{task}.txt")
     return paths
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ibllm.atomic import write_text_atomic
 from ibllm.evaluation import cider as cider_mod
 from ibllm.evaluation import kie, mme, ocr, visdial, vqa
 from ibllm.evaluation.prompts import EvalSettings, build_prompt
@@ -266,15 +267,6 @@ def claim_output(out: Path, identity: dict[str, Any], on_change: str = "error") 
     write_text_atomic(path, json.dumps(identity, indent=1) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file + rename."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 # ---- Lightning --------------------------------------------------------------------------------------
