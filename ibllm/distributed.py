@@ -162,6 +162,19 @@ def shard_model(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = t
     return model
 
 
+def shutdown_process_group() -> None:
+    """Destroy the default process group, if any, once every rank is done with it.
+
+    Left to interpreter exit, gloo's threads can be torn down out of order and abort the process
+    ("terminate called without an active exception") after a successful run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def precision_param_dtype(precision: Any) -> torch.dtype | None:
     """FSDP2 ``param_dtype`` for a Lightning precision string: bf16 for ``bf16-*``, else None (storage dtype)."""
     text = str(precision)

@@ -215,9 +215,10 @@ def evaluate_easyvqa(checkpoint: str, out: str | Path = DEFAULT_EVAL_DIR, extra:
                                           "--batch-size", "32", "--dtype", EVAL_DTYPE, *extra])
         args.on_change = "always" if args.on_change == "always" else "restart"
         metrics = run(args)
-        if metrics is None:  # another rank of a multi-process evaluation
-            return {}
-        results[task] = metrics
+        if metrics is not None:  # None on the other ranks of a multi-process evaluation: they only answer
+            results[task] = metrics
+    if not results:
+        return {}
     by_type = accuracy_by_answer_type(Path(out) / "vqa" / "answers.json")
     summary = {"easyvqa_accuracy": results["vqa"]["accuracy"] / 100, "by_answer_type": by_type,
                "mme_style": {"acc": results["mme"]["easyvqa_acc"] / 100,
@@ -277,5 +278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         scores = evaluate_easyvqa(args.checkpoint, args.out, extra)
     except (DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    from ibllm.distributed import shutdown_process_group
+
+    shutdown_process_group()
     for name, value in scores.items():
         print(f"{name}: {value:.2f}", flush=True)

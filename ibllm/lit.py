@@ -244,6 +244,9 @@ def run_lightning_cli(argv: list[str]) -> None:
                 if getattr(callback, "summary", None):
                     print(callback.summary, flush=True)
 
+    from ibllm.distributed import shutdown_process_group
+
     CLI(ImageBindLLMModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         args=None if argv == sys.argv[1:] else argv, parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False)
+    shutdown_process_group()

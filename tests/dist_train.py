@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from ibllm import tuning  # noqa: E402
+from ibllm.distributed import shutdown_process_group  # noqa: E402
 from ibllm.lit import FinetuneModule, PretrainModule  # noqa: E402
 
 
@@ -124,6 +125,7 @@ def main() -> None:
         torch.save({"weights": weights, "global_step": trainer.global_step,
                     "sharded": [n for n, p in module.model.named_parameters() if hasattr(p, "full_tensor")]},
                    args.out)
+    shutdown_process_group()
 
 
 if __name__ == "__main__":

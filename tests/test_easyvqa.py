@@ -188,7 +188,8 @@ def test_make_eval_flow_shortened(tmp_path, sp_model):
     for stage in ("pretrain", "finetune"):
         run_cli(["fit", "--config", str(ROOT / f"experiments/easyvqa_{stage}.yaml"), *tiny], tmp_path)
         assert (tmp_path / f"runs/easyvqa_{stage}/checkpoints/last.ckpt").is_file()
-    evaluate = ["easyvqa", "evaluate", "--llm", "tiny", "--tokenizer", sp_model, "--limit", "12", "--batch-size", "4"]
+    evaluate = ["easyvqa", "evaluate", "--llm", "tiny", "--tokenizer", sp_model, "--limit", "12", "--batch-size", "4",
+                "--temperature", "0"]
     lines = run_cli(evaluate, tmp_path).strip().splitlines()
     assert re.fullmatch(r"easyvqa_accuracy: \d\.\d\d", lines[-2]), lines[-2:]
     assert re.fullmatch(r"easyvqa_mme_style_score: \d+\.\d\d", lines[-1]), lines[-2:]
@@ -197,6 +198,12 @@ def test_make_eval_flow_shortened(tmp_path, sp_model):
     summary = json.loads((tmp_path / "eval/easyvqa/summary.json").read_text())
     assert sum(n for _, n in summary["by_answer_type"].values()) == 12
     assert f"{summary['easyvqa_accuracy']:.2f}" == lines[-2].split()[-1]
+    # two processes (both tasks, one after the other) give the same answers files
+    two = run_cli([*evaluate, "--devices", "2", "--out", "eval/two"], tmp_path).strip().splitlines()
+    assert two[-2:] == lines[-2:]
+    for task in ("vqa", "mme"):
+        assert (tmp_path / f"eval/two/{task}/answers.json").read_text() == \
+            (tmp_path / f"eval/easyvqa/{task}/answers.json").read_text()
     # a second run reuses the answers; a retrained checkpoint starts over
     assert "12 already answered" in run_cli(evaluate, tmp_path)
     run_cli(["fit", "--config", str(ROOT / "experiments/easyvqa_finetune.yaml"), *tiny[:-1], "6"], tmp_path)

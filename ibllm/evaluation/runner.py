@@ -212,6 +212,21 @@ def read_done(out: Path) -> dict[str, str]:
     return done
 
 
+def wait_for_claim(out: Path, identity: dict[str, Any], timeout: float = 300.0) -> None:
+    """Wait (up to ``timeout`` s) until ``OUT/run.json`` records ``identity``: rank 0 has claimed the folder
+    (and discarded answers of another run) before this rank reads which answers exist."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads((out / RUN_FILE).read_text(encoding="utf-8")) == identity:
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+
+
 def write_answers(out: Path, task: str, data: str, samples: Sequence[Sample], answers: dict[str, str],
                   settings: EvalSettings) -> Path:
     """Write ``answers.json`` (sample order) atomically and remove the partial rank files."""
@@ -425,8 +440,11 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
     out = Path(args.out or f"eval/{args.task}")
     out.mkdir(parents=True, exist_ok=True)
     on_change = getattr(args, "on_change", "error")
-    if launched_rank() == 0:  # processes started beside rank 0 (torchrun, srun) leave the folder to it
-        claim_output(out, run_identity(args, settings), on_change)
+    identity = run_identity(args, settings)
+    if launched_rank() == 0:  # the other ranks leave the folder to rank 0 ...
+        claim_output(out, identity, on_change)
+    elif on_change != "always":  # ... and read the answers only once it has claimed it
+        wait_for_claim(out, identity)
     devices: int | str = int(args.devices) if str(args.devices).lstrip("-").isdigit() else args.devices
     done = read_done(out) if launched_rank() == 0 or on_change != "always" else {}
     pending = [s for s in samples if s.id not in done]
@@ -454,11 +472,14 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m ibllm evaluate ...``."""
+    from ibllm.distributed import shutdown_process_group
+
     args = build_parser().parse_args(argv)
     try:
         run(args)
     except (DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    shutdown_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
