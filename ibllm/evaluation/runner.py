@@ -282,8 +282,6 @@ def claim_output(out: Path, identity: dict[str, Any], on_change: str = "error") 
     write_text_atomic(path, json.dumps(identity, indent=1) + "\n")
 
 
-
-
 # ---- Lightning --------------------------------------------------------------------------------------
 def _lightning_classes():
     import lightning as L
