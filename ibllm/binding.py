@@ -714,8 +714,8 @@ def digit_eval_fn(pixels: Tensor, labels: Tensor, crops_per_image: int = 3, seed
 # ----------------------------------------------------------------------------- the demo encoder recipe
 
 @dataclass
-class DemoRecipe:
-    """Everything that determines the demo encoder (its hash names the file's content)."""
+class BindRecipe:
+    """The :func:`bind_towers` settings every stage-0 recipe records (its hash names the file's content)."""
 
     cfg: str = "demo"
     seed: int = 0
@@ -730,14 +730,29 @@ class DemoRecipe:
     augment: bool = True
     pos_init_scale: float = 1.0
     intra_weight: float = 1.0
+
+    def digest(self, **extra: str) -> str:
+        """sha256 of the recipe's canonical JSON (with ``extra`` entries, e.g. a base encoder's sha256)."""
+        blob = json.dumps({**dataclasses.asdict(self), **extra}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def bind_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`bind_towers` this recipe fixes."""
+        return {"steps": self.steps, "lr": self.lr, "warmup": self.warmup, "batch_size": self.batch_size,
+                "seed": self.seed, "min_lr_ratio": self.min_lr_ratio, "weight_decay": self.weight_decay,
+                "bf16": self.bf16, "pos_init_scale": self.pos_init_scale, "intra_weight": self.intra_weight}
+
+
+@dataclass
+class DemoRecipe(BindRecipe):
+    """Everything that determines the demo encoder (its hash names the file's content)."""
+
     stem_lr_scale: float = 0.03
     templates: tuple[str, ...] = CAPTION_TEMPLATES
     version: int = RECIPE_VERSION
 
-    def digest(self) -> str:
-        """sha256 of the recipe's canonical JSON."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+    def bind_kwargs(self) -> dict[str, Any]:
+        return {**super().bind_kwargs(), "stem_lr_scale": self.stem_lr_scale}
 
 
 @dataclass
@@ -785,12 +800,8 @@ def build_demo_encoder(out_path: str | Path, seed: int = 0, *, steps: int | None
     train_idx_t, held_idx_t = torch.from_numpy(train_idx), torch.from_numpy(held_idx)
     task = DigitBinding(pixels[train_idx_t], labels[train_idx_t], recipe.templates, augment=recipe.augment)
     eval_fn = digit_eval_fn(pixels[held_idx_t], labels[held_idx_t])
-    model, history = bind_towers(
-        "vision", "text", recipe.cfg, None, task, steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup,
-        batch_size=recipe.batch_size, seed=recipe.seed, min_lr_ratio=recipe.min_lr_ratio,
-        weight_decay=recipe.weight_decay, bf16=recipe.bf16, pos_init_scale=recipe.pos_init_scale,
-        intra_weight=recipe.intra_weight, stem_lr_scale=recipe.stem_lr_scale, eval_fn=eval_fn,
-        eval_every=eval_every, progress=progress)
+    model, history = bind_towers("vision", "text", recipe.cfg, None, task, **recipe.bind_kwargs(), eval_fn=eval_fn,
+                                 eval_every=eval_every, progress=progress)
     # Centre view through the model's own forward on CLIP-normalised RGB (what stage 1 feeds it); the crops
     # through the equivalent fast path.
     model.eval()

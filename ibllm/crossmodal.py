@@ -42,6 +42,7 @@ from torch import Tensor
 from ibllm.atomic import atomic_write, write_bytes_atomic
 from ibllm.binding import (
     DIGIT_WORDS,
+    BindRecipe,
     EpochSampler,
     bind_towers,
     class_prompts,
@@ -290,29 +291,13 @@ def augment_fbank(x: Tensor, generator: torch.Generator, freq_mask: int = 16, ti
 # ------------------------------------------------------------------------------------ the audio tower
 
 @dataclass
-class AudioRecipe:
-    """Everything that determines the audio tower (with the base encoder's sha256 and the speech spec)."""
+class AudioRecipe(BindRecipe):
+    """Everything that determines the audio tower (hashed with the base encoder's sha256: ``digest(base=...)``)."""
 
-    cfg: str = "demo"
-    seed: int = 0
-    heldout_fraction: float = 0.2
     steps: int = 300
-    lr: float = 2e-3
-    warmup: int = 30
-    min_lr_ratio: float = 0.02
-    weight_decay: float = 0.05
-    batch_size: int = 128
-    bf16: bool = True
-    augment: bool = True
-    pos_init_scale: float = 1.0
     intra_weight: float = 0.0
     speech: SpeechSpec = field(default_factory=SpeechSpec)
     version: int = RECIPE_VERSION
-
-    def digest(self, base_sha256: str = "") -> str:
-        """sha256 of the recipe's canonical JSON plus the base encoder's sha256."""
-        blob = json.dumps({**dataclasses.asdict(self), "base": base_sha256}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
 
 
 @dataclass
@@ -377,7 +362,7 @@ def build_audio_encoder(root: str | Path = DEFAULT_ROOT, base: str | Path | None
     if not base.is_file():
         raise FileNotFoundError(f"base demo encoder {base} not found: run `python -m ibllm demo prepare` first")
     base_sha = file_sha256(base)
-    digest = recipe.digest(base_sha)
+    digest = recipe.digest(base=base_sha)
     if not force and (info := existing_encoder_info(out_path, info_path, digest)) is not None:
         return AudioEncoder(out_path, info_path, info, trained=False)
 
@@ -397,11 +382,8 @@ def build_audio_encoder(root: str | Path = DEFAULT_ROOT, base: str | Path | None
                "text_prompts": text_targets(anchor)[:classes]}
     task = SpokenDigitBinding(train_audio, train_lab, img_emb, img_lab, augment=recipe.augment)
     eval_fn = lambda m: audio_zero_shot(m, held_audio, held_lab, targets)  # noqa: E731
-    model, history = bind_towers(
-        "vision", "audio", recipe.cfg, anchor, task, steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup,
-        batch_size=recipe.batch_size, seed=recipe.seed, min_lr_ratio=recipe.min_lr_ratio,
-        weight_decay=recipe.weight_decay, bf16=recipe.bf16, pos_init_scale=recipe.pos_init_scale,
-        intra_weight=recipe.intra_weight, eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+    model, history = bind_towers("vision", "audio", recipe.cfg, anchor, task, **recipe.bind_kwargs(), eval_fn=eval_fn,
+                                 eval_every=eval_every, progress=progress)
     model.eval()
     held = audio_zero_shot(model, held_audio, held_lab, targets)
     train = audio_zero_shot(model, train_audio, train_lab, targets)

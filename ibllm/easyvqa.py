@@ -140,11 +140,7 @@ def build_easyvqa_encoder(out_path: str | Path, recipe: EasyVQARecipe | None = N
     test_images, test_labels = load_split_images("test")
     task = ShapeBinding(train_images, train_labels, recipe.templates, augment=recipe.augment)
     start = time.perf_counter()
-    model, history = bind_towers(
-        "vision", "text", recipe.cfg, None, task, steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup,
-        batch_size=recipe.batch_size, seed=recipe.seed, min_lr_ratio=recipe.min_lr_ratio,
-        weight_decay=recipe.weight_decay, bf16=recipe.bf16, pos_init_scale=recipe.pos_init_scale,
-        intra_weight=recipe.intra_weight, stem_lr_scale=recipe.stem_lr_scale, progress=progress)
+    model, history = bind_towers("vision", "text", recipe.cfg, None, task, **recipe.bind_kwargs(), progress=progress)
     test = shape_eval_fn(test_images, test_labels)(model)
     info: dict[str, Any] = {
         "recipe": dataclasses.asdict(recipe),

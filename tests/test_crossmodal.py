@@ -121,7 +121,7 @@ def test_audio_binding_keeps_vision_bit_identical_and_beats_chance(speech, tmp_p
     again = C.build_audio_encoder(tmp_path, base=base_file, out_path=tmp_path / "av.safetensors", recipe=recipe,
                                   progress=False)
     assert not again.trained and os.stat(result.path).st_mtime_ns == mtime
-    assert recipe.digest("other base") != recipe.digest(B.file_sha256(base_file))
+    assert recipe.digest(base="other base") != recipe.digest(base=B.file_sha256(base_file))
 
 
 def test_frozen_anchor_object_is_never_modified_by_audio_binding() -> None:
