@@ -16,11 +16,11 @@ from typing import Any
 
 @dataclass
 class LLaMAConfig:
-    """Shape of a LLaMA-architecture decoder (SPEC §2.1) plus the ImageBind-LLM additions.
+    """Shape of a LLaMA-architecture decoder plus the ImageBind-LLM additions.
 
     ``ffn_hidden_dim`` overrides the Meta sizing rule when set (Hugging Face / GGUF models state it);
     otherwise the hidden size is ``int(2 * 4 * dim / 3)`` (scaled by ``ffn_dim_multiplier``) rounded up
-    to a multiple of ``multiple_of`` (SPEC §2.6).
+    to a multiple of ``multiple_of``.
     """
 
     name: str = "custom"
@@ -36,10 +36,10 @@ class LLaMAConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 512
     tie_embeddings: bool = False
-    # Number of last layers that receive the visual token (SPEC §2.7); None = all layers.
+    # Number of last layers that receive the visual token; None = all layers.
     query_layer: int | None = None
     lora_rank: int = 16
-    # ImageBind embedding width feeding the bind network (C_I, SPEC §3).
+    # ImageBind embedding width feeding the bind network (C_I).
     visual_dim: int = 1024
 
     def __post_init__(self) -> None:
@@ -89,7 +89,7 @@ LLAMA_PRESETS: dict[str, LLaMAConfig] = {
     # Tests: a few layers, GQA on, a vocabulary large enough for sentencepiece test models.
     "tiny": LLaMAConfig(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
                         multiple_of=32, max_seq_len=256, visual_dim=32, lora_rank=4),
-    # Meta LLaMA-7B params.json + the ImageBind-LLM wrapper's max_seq_len (SPEC §2.1).
+    # Meta LLaMA-7B params.json + the ImageBind-LLM wrapper's max_seq_len.
     "7B": LLaMAConfig(name="7B", dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256,
                       norm_eps=1e-6, max_seq_len=512),
     "13B": LLaMAConfig(name="13B", dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256,
@@ -110,7 +110,7 @@ def llama_preset(name: str, **overrides: Any) -> LLaMAConfig:
 
 @dataclass
 class ModalityConfig:
-    """One ImageBind trunk (SPEC §4.1)."""
+    """One ImageBind trunk."""
 
     embed_dim: int
     num_blocks: int
@@ -122,7 +122,7 @@ class ModalityConfig:
 
 @dataclass
 class PointBindConfig:
-    """Point-Bind point encoder (SPEC §4.8)."""
+    """Point-Bind point encoder."""
 
     trans_dim: int = 384
     depth: int = 12
@@ -137,7 +137,7 @@ class PointBindConfig:
 
 @dataclass
 class ImageBindConfig:
-    """ImageBind encoder family (SPEC §4). ``point`` is None for the plain ``imagebind_huge`` layout."""
+    """ImageBind encoder family. ``point`` is None for the plain ``imagebind_huge`` layout."""
 
     name: str = "huge"
     out_embed_dim: int = 1024

@@ -1,4 +1,4 @@
-"""The bind network: ImageBind embedding (C_I) -> one LLaMA-width visual token (SPEC §3).
+"""The bind network: ImageBind embedding (C_I) -> one LLaMA-width visual token.
 
 Paper Eq. 1 writes a block as ``F + (F w2 * SiLU(F w1)) w3`` without normalisation; the released
 weights use ``x + f2(SiLU(f1(RMSNorm(x))) * f3(RMSNorm(x)))`` (paper w1 = f1, w2 = f3, w3 = f2), three

@@ -1,8 +1,8 @@
-"""ImageBindLLM: frozen encoders -> bind network -> LLaMA with gated injection (SPEC §1.4, §6.1).
+"""ImageBindLLM: frozen encoders -> bind network -> LLaMA with gated injection.
 
 One class serves both stages and inference; the stage only decides which extra parameters exist
 (stage 2 adds zero biases and LoRA) and which train (:mod:`ibllm.tuning`). The model knows nothing
-about Lightning. State-dict layout (SPEC §2.11): ``llama.*``, ``image_bind.*`` (the frozen encoder),
+about Lightning. State-dict layout (the official one): ``llama.*``, ``image_bind.*`` (the frozen encoder),
 ``image_bind_proj/norm_k/f*_k.*`` (the bind network, top level) and ``prefix_query.weight``.
 """
 
@@ -20,7 +20,7 @@ from ibllm.config import LLaMAConfig
 from ibllm.models.bind import BindNetwork
 from ibllm.models.llama import LLaMA, AdapterState
 
-# User-facing modality names -> ImageBind branch (SPEC §6.1: Image and Video both use ``vision``).
+# User-facing modality names -> ImageBind branch (image and video both use ``vision``).
 MODALITY_BRANCH = {"image": "vision", "video": "vision", "vision": "vision", "text": "text", "audio": "audio",
                    "depth": "depth", "thermal": "thermal", "imu": "imu", "point": "point"}
 MIX_EPS = 1e-6
@@ -34,7 +34,7 @@ class VisualCache(Protocol):
 
 
 def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Next-token cross-entropy, mean over non-ignored targets of the batch, in fp32 (SPEC §1.5).
+    """Next-token cross-entropy, mean over non-ignored targets of the batch, in fp32.
 
     ``logits [B,S,V]`` predict ``labels [B,S]`` shifted by one. The official code ignores label 0, which
     also silently drops real ``<unk>`` targets; here ignored positions are ``-100``, so every real token id
@@ -47,10 +47,10 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
 
 
 def mix_embeddings(embeddings: list[Tensor], weights: list[float]) -> Tensor:
-    """Weighted sum of L2-normalised ``[B,C]`` embeddings, weights divided by ``sum + 1e-6`` (SPEC §6.1).
+    """Weighted sum of L2-normalised ``[B,C]`` embeddings, weights divided by ``sum + 1e-6``.
 
     Not renormalised (official behaviour). Weights summing to about zero are rejected instead of
-    blowing up the embedding (SPEC D21).
+    blowing up the embedding (``1/(sum+1e-6)`` would be huge).
     """
     total = float(sum(weights))
     if abs(total) < 1e-3:
@@ -93,7 +93,7 @@ class ImageBindLLM(nn.Module):
 
     @torch.no_grad()
     def encode(self, inputs: Mapping[str, Any], cache: VisualCache | None = None) -> Tensor:
-        """Mix several modality inputs into one ``[B,C]`` embedding (SPEC §6.1 steps 1–4).
+        """Mix several modality inputs into one ``[B,C]`` embedding (load, encode, L2-normalise, weighted sum).
 
         ``inputs`` maps a modality (image, video, audio, text, point, depth, thermal, imu) to a batch
         tensor, a list of files (one per batch row; loaded by :func:`ibllm.processing.load_modality`), or

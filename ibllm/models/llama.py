@@ -1,4 +1,4 @@
-"""LLaMA decoder with ImageBind-LLM's gated visual injection (SPEC §2).
+"""LLaMA decoder with ImageBind-LLM's gated visual injection.
 
 State-dict names follow Meta's checkpoints (``tok_embeddings``, ``layers.{i}.attention.wq`` ...), so a
 ``consolidated.00.pth`` loads without renaming; the added ``layers.{i}.attention.gate`` is the per-head
@@ -21,7 +21,7 @@ from ibllm.config import LLaMAConfig
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm; normalises in fp32 and casts back before the weight multiply (SPEC §2.3)."""
+    """Root-mean-square norm; normalises in fp32 and casts back before the weight multiply."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, positions: int, theta: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """Cos/sin tables ``[positions, head_dim/2]`` (fp32) of Meta's rotary embedding (SPEC §2.4)."""
+    """Cos/sin tables ``[positions, head_dim/2]`` (fp32) of Meta's rotary embedding."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), freqs)
     return angles.cos(), angles.sin()
@@ -86,7 +86,7 @@ class Attention(nn.Module):
 
     Paper Eq. 2 writes the injection as ``T_j = T_I * g_zero + T_W^j`` (a scalar zero gate adding the
     transformed image feature to every word token). The released weights need the official form instead
-    (SPEC §2.8, §9 P1), which this module implements: for layer l the adapter ``a_l = T_I + prefix[l]`` is
+    which this module implements: for layer l the adapter ``a_l = T_I + prefix[l]`` is
     projected by the layer's frozen base ``wv`` (no LoRA, no bias), scaled per head by ``tanh(gate)``
     (``gate [1,H,1,1]``, zero-initialised, so training starts from the plain LLM), and added to the
     attention output of every position before ``wo``. The residual stream therefore receives
@@ -133,7 +133,8 @@ class Attention(nn.Module):
         mask, causal = None, False
         if seqlen > 1 and start_pos == 0 and k.shape[2] == seqlen:
             causal = True
-        elif seqlen > 1:  # chunk after a cached prefix: query t may see keys 0..start_pos+t (fixes SPEC D12)
+        elif seqlen > 1:  # chunk after a cached prefix: query t sees keys 0..start_pos+t (the official
+            # code builds a [seqlen, seqlen] mask here, wrong once start_pos > 0)
             q_pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
             mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -150,7 +151,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU FFN ``w2(SiLU(w1 x) * w3 x)`` (SPEC §2.6); biases on all three in stage 2."""
+    """SwiGLU FFN ``w2(SiLU(w1 x) * w3 x)``; biases on all three in stage 2."""
 
     def __init__(self, cfg: LLaMAConfig, bias: bool = False) -> None:
         super().__init__()
@@ -198,7 +199,7 @@ class LLaMA(nn.Module):
 
     @property
     def first_query_layer(self) -> int:
-        """Index of the first layer that receives the visual token (SPEC §2.7)."""
+        """Index of the first layer that receives the visual token."""
         return self.cfg.n_layers - self.cfg.n_query_layers
 
     def rope(self, start: int, end: int, device: torch.device) -> tuple[Tensor, Tensor]:

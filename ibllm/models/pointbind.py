@@ -1,11 +1,11 @@
-"""Point-Bind point encoder (SPEC §4.8): the ``point_trunk`` of ``imagebind_w3D.pth``.
+"""Point-Bind point encoder: the ``point_trunk`` of ``imagebind_w3D.pth``.
 
 ``pts [B, N, 3]`` -> farthest-point-sampled centres -> kNN groups -> mini-PointNet tokens -> transformer
 (positional embedding re-added before every block) -> ``concat[CLS, max over groups] @ pc_projection``
 ``[B, projection_dim]``. ImageBind's ``modality_heads.point`` and postprocessor follow (see encoder.py).
 
 Determinism: the official FPS starts from a random point (``randint(0, N, (B,))``), so unseeded
-embeddings change between calls (SPEC §8 D18). Pass ``seed=`` or ``generator=`` to ``forward`` (or set
+embeddings change between calls. Pass ``seed=`` or ``generator=`` to ``forward`` (or set
 ``fps_seed`` on the trunk) to draw the start index from a private generator and get repeatable output.
 """
 

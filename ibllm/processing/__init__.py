@@ -1,5 +1,5 @@
 """Media preprocessing: one small function per modality from a file path / bytes to the tensor ImageBind
-expects (SPEC §5), plus :func:`load_modality`, which batches any of them.
+expects, plus :func:`load_modality`, which batches any of them.
 
 Per-item shapes: image ``[3,224,224]``, video ``[15,3,2,224,224]``, audio ``[3,1,128,204]``, text ``[77]``
 (int64), depth/thermal ``[1,224,224]``, imu ``[6,2000]``, point ``[8192,3]``. Decoders for video (PyAV),

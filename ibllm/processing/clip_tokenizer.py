@@ -1,4 +1,4 @@
-"""CLIP byte-level BPE tokenizer for the ImageBind text tower (SPEC §5.4)."""
+"""CLIP byte-level BPE tokenizer for the ImageBind text tower."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class ClipTokenizer:
 
     ``keep_eot_on_truncate=False`` (default) reproduces the official behaviour: a sequence longer than
     the context is cut at ``context_length`` and loses its EOT, so the text tower's EOT-argmax pooling
-    reads an ordinary token (defect D15). ``True`` cuts to ``context_length - 1`` tokens and re-appends EOT.
+    reads an ordinary token (a defect inherited from ImageBind). ``True`` cuts to ``context_length - 1`` tokens and re-appends EOT.
     """
 
     sot_token = 49406

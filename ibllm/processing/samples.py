@@ -1,4 +1,4 @@
-"""Sample construction (SPEC §1.7) and batch collation.
+"""Sample construction and batch collation.
 
 Differences from the official dataset, on purpose:
 
@@ -6,10 +6,10 @@ Differences from the official dataset, on purpose:
   of the batch (the official code pads every sample to ``max_words`` with token 0);
 * ignored label positions are ``-100`` (``IGNORE_INDEX``), not 0. The official loss uses
   ``ignore_index=0``, so officially label 0 marks prompt + padding **and** any real token id 0
-  (``<unk>``) in an answer is silently ignored too (SPEC §1.5). ``build_sample(..., ignore_unk=True)``
+  (``<unk>``) in an answer is silently ignored too. ``build_sample(..., ignore_unk=True)``
   reproduces that; :func:`to_official` converts a sample to the exact official fixed-length tensors.
 
-Kept from the official procedure (D14): the prompt mask length is the length of the *separately*
+Kept from the official procedure: the prompt mask length is the length of the *separately*
 tokenised prompt (BOS included) while the tokens come from tokenising ``prompt + answer`` as one
 string with BOS and EOS; truncation to ``max_words`` keeps the first ids and can drop EOS.
 """
@@ -55,7 +55,7 @@ def _finish(tokens: list[int], labels: list[int], max_words: int, ignore_unk: bo
 def build_sample(
     tokenizer: Tokenizer, prompt: str, answer: str, max_words: int, ignore_unk: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Build one training sample exactly as SPEC §1.7, minus the padding.
+    """Build one training sample exactly as the official dataset does, minus the padding.
 
     1. ``p_ids = encode(prompt, bos=True, eos=False)``;
     2. ``f_ids = encode(prompt + answer, bos=True, eos=True)`` (one string, one encoding);
@@ -142,8 +142,8 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any
     Returns a dict with:
         ``tokens`` ``[B,S]`` padded with ``pad_id`` (0, what the official model is fed; padding is on
         the right and attention is causal, so no mask is needed), ``labels`` ``[B,S]`` padded with -100,
-        ``image`` ``[B,3,H,W]`` when any sample has one (missing ones are zeros, the SPEC §1.8 fake
-        image), ``feature`` ``[B,C]`` when present, ``inject`` ``[B]`` bool (False = no visual injection
+        ``image`` ``[B,3,H,W]`` when any sample has one (missing ones are zeros, the official stand-in
+        for text-only rows), ``feature`` ``[B,C]`` when present, ``inject`` ``[B]`` bool (False = no visual injection
         for that row), and lists ``caption``/``text``/``key`` passed through for logging.
     """
     if not samples:

@@ -1,4 +1,4 @@
-"""Prompt templates (SPEC §1.6) and the project's multi-turn chat template.
+"""Prompt templates and the project's multi-turn chat template.
 
 Single turn (exactly the official Alpaca strings): the answer is appended directly after
 ``### Response:`` with no space or newline.

@@ -1,4 +1,4 @@
-"""Frozen ImageBind encoders (vision, text, audio, depth, thermal, IMU) and the Point-Bind branch (SPEC §4)."""
+"""Frozen ImageBind encoders (vision, text, audio, depth, thermal, IMU) and the Point-Bind branch."""
 
 from ibllm.models.imagebind.encoder import (
     TRUNK_MODALITIES,

@@ -1,4 +1,4 @@
-"""ImageBind (+ Point-Bind) encoder assembly, building, freezing and strict checkpoint loading (SPEC §4).
+"""ImageBind (+ Point-Bind) encoder assembly, building, freezing and strict checkpoint loading.
 
 Shapes: every modality returns ``[B, out_embed_dim]``. Inputs with ``ndim >= 5`` are multi-clip
 ``[B, S, ...]`` (video ``[B, S, 3, T, H, W]``, audio ``[B, S, 1, mel, frames]``): the clips are encoded as

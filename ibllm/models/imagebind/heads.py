@@ -1,4 +1,4 @@
-"""ImageBind heads (SPEC §4.5) and postprocessors (SPEC §4.6).
+"""ImageBind heads and postprocessors.
 
 Heads map trunk tokens ``[B, L, D]`` to one ``[B, out_embed_dim]`` vector. Postprocessors L2-normalise it
 and, for every modality but vision, multiply by ``min(exp(log_logit_scale), 100)``; the text scale is a

@@ -1,4 +1,4 @@
-"""ImageBind modality preprocessors (SPEC §4.3): patch stems, CLS tokens, positional embeddings.
+"""ImageBind modality preprocessors: patch stems, CLS tokens, positional embeddings.
 
 Every preprocessor maps its raw input to ``(tokens [B, L, D], attn_mask | None, head_kwargs)``:
 ``attn_mask`` goes to the trunk, ``head_kwargs`` to the head (the text EOT position ``seq_len``).

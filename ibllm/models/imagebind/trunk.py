@@ -1,4 +1,4 @@
-"""ImageBind trunk: a stack of pre-LayerNorm transformer blocks (SPEC §4.4).
+"""ImageBind trunk: a stack of pre-LayerNorm transformer blocks.
 
 Tokens are batch-first ``[B, L, D]`` throughout (the official sequence-first layout changes nothing
 numerically). Block ``i`` of ``N`` uses drop-path rate ``linspace(0, drop_path, N)[i]``; LayerNorm eps is
