@@ -1,6 +1,6 @@
 """Which parameters train in each stage — one filter drives requires_grad, optimizer groups and saving.
 
-The rules are SPEC §1.3, applied to parameter names of :class:`ibllm.models.ibllm.ImageBindLLM`:
+The rules are the official trainable sets, applied to parameter names of :class:`ibllm.models.ibllm.ImageBindLLM`:
 
 * ``pretrain``: ``llama.*`` names containing ``gate``; names starting with ``image_bind_`` (the bind
   network — the underscore excludes the frozen encoder ``image_bind.``); ``prefix_query.*``.
@@ -27,7 +27,7 @@ def check_stage(stage: str) -> str:
 
 
 def is_trainable(name: str, stage: str) -> bool:
-    """True when parameter ``name`` trains in ``stage`` (SPEC §1.3)."""
+    """True when parameter ``name`` trains in ``stage``."""
     if check_stage(stage) == "pretrain":
         return (name.startswith("llama.") and "gate" in name) or name.startswith(("image_bind_", "prefix_query."))
     return name.startswith("llama.") and any(part in name for part in ("norm", "bias", "lora"))
@@ -45,7 +45,7 @@ def trainable_parameters(model: nn.Module, stage: str) -> Iterator[tuple[str, nn
 
 
 def apply_stage(model: nn.Module, stage: str) -> None:
-    """Freeze everything, then unfreeze the stage's parameters and keep them in fp32 (SPEC §1.3)."""
+    """Freeze everything, then unfreeze the stage's parameters and keep them in fp32."""
     for name, param in model.named_parameters():
         train = is_trainable(name, stage)
         param.requires_grad_(train)
@@ -61,7 +61,7 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def optimizer_groups(model: nn.Module, stage: str, weight_decay: float) -> list[dict]:
-    """AdamW groups of SPEC §7.2: no decay for 1-D tensors and ``*.bias``; decay for the rest."""
+    """AdamW groups of the official recipe: no decay for 1-D tensors and ``*.bias``; decay for the rest."""
     decay, no_decay = [], []
     for name, param in trainable_parameters(model, stage):
         (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
@@ -77,7 +77,7 @@ def add_lora(module: nn.Module, rank: int) -> nn.Module:
     """Inject LoRA (rank ``rank``, scale 1 = alpha/r, B = 0) on wq, wk, wv, wo, w1, w2, w3 with peft.
 
     ``lora_A`` keeps PyTorch's Kaiming-uniform Linear init and ``lora_B`` starts at zero, so the
-    wrapped layers equal the base layers until training moves B (SPEC §2.5).
+    wrapped layers equal the base layers until training moves B.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
