@@ -21,14 +21,6 @@ from ibllm.build import build_model, load_tokenizer_for
 from ibllm.models.ibllm import ImageBindLLM, lm_loss
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warmup from 0, then half-cosine down to ``min_ratio`` (SPEC §7.2, per step)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class ImageBindLLMModule(L.LightningModule):
     """Trains one stage of ImageBind-LLM.
 
@@ -149,7 +141,8 @@ class ImageBindLLMModule(L.LightningModule):
         if self.hparams.warmup_fraction is not None:
             warmup = int(self.hparams.warmup_fraction * total)
         min_ratio = self.hparams.min_lr / max(self.peak_lr(), 1e-12)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: tuning.warmup_cosine(s, warmup, total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- checkpoints ---------------------------------------------------------------------------

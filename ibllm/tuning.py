@@ -10,7 +10,8 @@ The rules are the official trainable sets, applied to parameter names of :class:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -60,12 +61,32 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def optimizer_groups(model: nn.Module, stage: str, weight_decay: float) -> list[dict]:
-    """AdamW groups of the official recipe: no decay for 1-D tensors and ``*.bias``; decay for the rest."""
+def decay_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                 no_decay_markers: Sequence[str] = ()) -> list[dict]:
+    """The AdamW grouping rule: ``[decayed, undecayed]`` parameter groups, in iteration order.
+
+    Vectors and scalars (``ndim <= 1``), names ending in ``.bias`` and names containing one of
+    ``no_decay_markers`` (e.g. embeddings) get no weight decay; every other tensor gets ``weight_decay``.
+    """
     decay, no_decay = [], []
-    for name, param in trainable_parameters(model, stage):
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    for name, param in named_parameters:
+        skip = param.ndim <= 1 or name.endswith(".bias") or any(m in name for m in no_decay_markers)
+        (no_decay if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer_groups(model: nn.Module, stage: str, weight_decay: float) -> list[dict]:
+    """AdamW groups of the official recipe (:func:`decay_groups`): no decay for 1-D tensors and ``*.bias``."""
+    return decay_groups(trainable_parameters(model, stage), weight_decay)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based): linear warmup from 0 over
+    ``warmup_steps`` steps, then a half cosine from 1 down to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def trainable_state_dict(model: nn.Module, stage: str) -> dict[str, Tensor]:

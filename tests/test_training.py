@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from datamodules import InstructionData, WebDatasetCaptions
 from ibllm import tuning
-from ibllm.lit import FinetuneModule, PretrainModule, unfilled_placeholders, warmup_cosine
+from ibllm.lit import FinetuneModule, PretrainModule, unfilled_placeholders
 
 
 def trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
@@ -32,11 +32,11 @@ def pretrain_module(sp_model, **kwargs) -> PretrainModule:
 
 
 def test_warmup_cosine_schedule():
-    assert warmup_cosine(0, 10, 100) == 0.0
-    assert warmup_cosine(5, 10, 100) == 0.5
-    assert warmup_cosine(10, 10, 100) == 1.0
-    assert math.isclose(warmup_cosine(55, 10, 100), 0.5)
-    assert math.isclose(warmup_cosine(100, 10, 100, min_ratio=0.1), 0.1)
+    assert tuning.warmup_cosine(0, 10, 100) == 0.0
+    assert tuning.warmup_cosine(5, 10, 100) == 0.5
+    assert tuning.warmup_cosine(10, 10, 100) == 1.0
+    assert math.isclose(tuning.warmup_cosine(55, 10, 100), 0.5)
+    assert math.isclose(tuning.warmup_cosine(100, 10, 100, min_ratio=0.1), 0.1)
 
 
 def test_stage1_trains_and_checkpoints_only_trainables(tmp_path, sp_model, caption_shards):
