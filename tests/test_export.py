@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,9 @@ from safetensors.torch import load_file
 
 import ibllm
 from ibllm.checkpoints import official_adapter_keys
-from ibllm.export import export, main
-from ibllm.inference import read_adapter
+from ibllm.checkpoints.adapters import read_adapter
+from ibllm.checkpoints.export import export
+from ibllm.cli.export import main
 from test_inference import VOCAB, make_tiny_project
 
 
@@ -100,7 +99,7 @@ def test_merged_logits_equal_unmerged(tiny, tmp_path):
 
 
 def test_exports_are_atomic(tiny, tmp_path, monkeypatch):
-    import ibllm.checkpoints as ck
+    import ibllm.checkpoints.io as ck
 
     target = tmp_path / "a.pth"
     target.write_bytes(b"previous")
@@ -120,7 +119,8 @@ def test_exports_are_atomic(tiny, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.pth"]
 
 
-def test_cli_export_and_errors(tiny, tmp_path, capsys):
+@pytest.mark.system  # ends with the command line as a subprocess
+def test_cli_export_and_errors(tiny, tmp_path, capsys, run_ibllm):
     main([str(tiny["stage2"]), "--format", "safetensors", str(tmp_path / "x.safetensors")])
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -130,8 +130,7 @@ def test_cli_export_and_errors(tiny, tmp_path, capsys):
         main([str(tmp_path / "missing.ckpt"), "--format", "official", str(tmp_path / "y.pth")])
     err = capsys.readouterr().err
     assert err.startswith("error:") and "missing.ckpt" in err and err.count("\n") == 1
-    proc = subprocess.run([sys.executable, "-m", "ibllm", "export", str(tiny["stage1"]), "--format", "official",
-                           str(tmp_path / "s1.pth")], capture_output=True, text=True)
+    proc = run_ibllm(["export", tiny["stage1"], "--format", "official", tmp_path / "s1.pth"], timeout=300)
     assert proc.returncode == 0, proc.stderr
 
 

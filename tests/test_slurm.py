@@ -1,8 +1,8 @@
 """The SLURM launch path on a real local cluster (``pytest -k slurm`` selects exactly these tests).
 
 ``make pretrain SLURM=1`` renders experiments/slurm.sbatch and submits it; the job trains a tiny stage-1
-model (tiny LLaMA + tiny encoder + generated shards) with FSDP2 on 2 CPU processes (gloo). Skipped, with
-the reason, only where the SLURM packages cannot be installed.
+model (tiny LLaMA + tiny encoder + generated shards) with FSDP2 on 2 CPU processes (gloo). Where the SLURM
+packages are not installed the tests skip with the reason, or fail when CI is set (.ci/run installs them).
 """
 
 from __future__ import annotations
@@ -14,31 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import LocalCluster, ensure_slurm
+from slurm_cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _cluster(tmp_path_factory, nodes: int):
-    reason = ensure_slurm()
-    if reason:
-        pytest.skip(reason)
-    cluster = LocalCluster(tmp_path_factory.mktemp(f"slurm{nodes}"), nodes=nodes).start()
-    return cluster
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    cluster = _cluster(tmp_path_factory, 1)
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture
-def slurm_two_node_cluster(tmp_path_factory):
-    cluster = _cluster(tmp_path_factory, 2)
-    yield cluster
-    cluster.stop()
+# The clusters come from conftest.py (slurm_cluster, slurm_two_node_cluster).
+pytestmark = pytest.mark.system
 
 
 CONFIG = """seed_everything: 0

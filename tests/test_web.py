@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 import ibllm
-from browser_helpers import Server, find_browser, foreign_urls, requested_urls, start_chromium
+from browser_helpers import Server, foreign_urls, requested_urls
 from test_inference import make_tiny_project
 
 pytest.importorskip("gradio", reason="the web demo needs the 'web' extra (pip install '.[web]')")
+
+# A real server subprocess; the browser fixture (headless Chromium) comes from conftest.py.
+pytestmark = pytest.mark.system
 
 Q1, Q2 = "Which digit is this?", "and the colour?"
 GEN = dict(max_gen_len=24, temperature=0.0)
@@ -49,17 +52,6 @@ def server(tiny, cache_dir, tmp_path_factory):
     srv = Server(["--adapter", str(tiny["stage2"]), "--cache", str(cache_dir)], tmp_path_factory.mktemp("srv_home"))
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    chromium, driver = find_browser()
-    if not chromium or not driver:
-        pytest.skip("chromium / chromium-driver are not installed (.ci/run installs them with apt-get as root)")
-    d = start_chromium(tmp_path_factory.mktemp("browser_home"))
-    d.set_page_load_timeout(60)
-    yield d
-    d.quit()
 
 
 # ---- page helpers ------------------------------------------------------------------------------------------
@@ -203,7 +195,7 @@ def test_browser_bad_upload_then_success(server, browser, tiny, model, cache_dir
     upload(d, "image", tiny["image"])
     done = ask(d, None)  # the kept question, sent again
     assert done.startswith("done") and "inputs: image (1)" in done, done
-    # the cache is on by default here (10 / 20 / 0.5, SPEC §6.2)
+    # the cache is on by default here (k 10, temperature 20, weight 0.5: the official demo's values)
     expected = model.session({"image": str(tiny["image"])}, cache=load_cache(cache_dir)).send(Q1, **GEN)
     assert bot_messages(d) == [expected]
     assert foreign_urls(requested_urls(d)) == []
