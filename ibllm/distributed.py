@@ -1,4 +1,4 @@
-"""FSDP2 for ImageBind-LLM: per-block sharding, trainable-only sharded checkpoints, consolidation.
+"""FSDP2 for ImageBind-LLM: per-block sharding and a strategy for trainable-only sharded checkpoints.
 
 Lightning's ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` calls
 ``LightningModule.configure_model`` with a device mesh; :func:`shard_model` then applies
@@ -24,17 +24,14 @@ Checkpoints. Lightning saves a directory (torch.distributed.checkpoint, one file
 ``meta.pt``) holding what :meth:`ibllm.lit.ImageBindLLMModule.on_save_checkpoint` leaves in
 ``state_dict``: the trainable tensors only (sharded DTensors). Lightning's loader asks DCP for *every*
 model key, which such a checkpoint lacks, so :class:`FSDP2Strategy` loads the trainable subset only.
-:func:`consolidate` (``python -m ibllm consolidate CKPT_DIR --out FILE``) reads that directory in one
-process, offline, and writes the trainable-only file (official layout or safetensors).
+:mod:`ibllm.checkpoints.consolidate` (``python -m ibllm consolidate CKPT_DIR --out FILE``) turns that
+directory into the trainable-only file, offline.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
-import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,9 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
+from ibllm.checkpoints.adapters import base_fingerprint
+from ibllm.checkpoints.io import SHARDED_META_FILE, CheckpointError
+from ibllm.models.llama import AdapterState, Attention
 
-METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -66,8 +65,6 @@ def _check_trainable_dtypes(module: nn.Module, name: str, skip: set[int]) -> Non
 
 def _adapter_state_via_block(block: nn.Module, adapter: Tensor) -> tuple[Tensor, Tensor | None]:
     """Project ``adapter`` with the block's frozen wv/wk; runs under FSDP's unshard hooks (see module doc)."""
-    from ibllm.models.llama import Attention
-
     state = Attention.adapter_state(block.attention, adapter)
     # copies, not views: FSDP's pre-backward hook must not sit on a view (its warning about in-place ops)
     return state.values.clone(), None if state.keys is None else state.keys.clone()
@@ -76,8 +73,6 @@ def _adapter_state_via_block(block: nn.Module, adapter: Tensor) -> tuple[Tensor,
 def _route_adapter_projection(block: nn.Module) -> None:
     """Make ``block.attention.adapter_state`` go through a block method that FSDP unshards for."""
     from torch.distributed.fsdp import register_fsdp_forward_method
-
-    from ibllm.models.llama import AdapterState
 
     block.ibllm_adapter_state = functools.partial(_adapter_state_via_block, block)
     register_fsdp_forward_method(block, "ibllm_adapter_state")
@@ -131,10 +126,7 @@ def shard_model(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = t
         mesh = mesh["data_parallel"]
     if _is_sharded(model):
         return model
-    # Cache the base-model fingerprint while the weights are whole (checkpoints record it).
-    from ibllm.inference import base_fingerprint
-
-    base_fingerprint(model)
+    base_fingerprint(model)  # cached while the weights are whole (checkpoints record it)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     kwargs = {"mesh": mesh, "mp_policy": policy}
     llama = model.llama
@@ -238,8 +230,6 @@ def load_sharded_trainable(path: Path, module: nn.Module, optimizers: Sequence[t
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_optimizer_state_dict)
 
-    from ibllm.checkpoints import CheckpointError
-
     reader = dcp.FileSystemReader(str(path))
     stored = {key.removeprefix("state_dict."): key for key in reader.read_metadata().state_dict_metadata
               if key.startswith("state_dict.")}
@@ -256,103 +246,4 @@ def load_sharded_trainable(path: Path, module: nn.Module, optimizers: Sequence[t
         dcp.load(optim_state, checkpoint_id=str(path))
         set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
                                  options=StateDictOptions(cpu_offload=True))
-    return torch.load(path / METADATA_FILE, weights_only=False, map_location="cpu")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Consolidation: sharded directory -> trainable-only file
-# --------------------------------------------------------------------------------------------------------
-def read_sharded_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a sharded (DCP directory) checkpoint of ours in one process, without torch.distributed.
-
-    Returns ``(state, meta)``: the full (unsharded) trainable tensors under our names (``model.`` prefix
-    removed) and the ``ibllm`` metadata plus ``init_from`` / ``tokenizer`` from the hyper-parameters.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from ibllm.checkpoints import CheckpointError, safe_load
-
-    p = Path(path)
-    if not p.is_dir() or not (p / ".metadata").is_file():
-        raise CheckpointError(f"{p}: not a sharded checkpoint folder (no .metadata file)")
-    reader = dcp.FileSystemReader(str(p))
-    try:
-        # A template of full-size tensors for the model keys only (optimizer states are not read).
-        entries = reader.read_metadata().state_dict_metadata
-        tensors = {key.removeprefix("state_dict."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
-                   for key, m in entries.items()
-                   if key.startswith("state_dict.") and isinstance(m, TensorStorageMetadata)}
-        template = {"state_dict": tensors}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(template, storage_reader=reader, no_dist=True)
-    except Exception as e:  # corrupt / partial folders: one clear message
-        raise CheckpointError(f"{p}: cannot read the sharded checkpoint ({type(e).__name__}: {e})") from e
-    state = {k.removeprefix("model."): v for k, v in tensors.items() if isinstance(v, Tensor)}
-    if not state:
-        raise CheckpointError(f"{p}: the sharded checkpoint holds no model tensors")
-    meta: dict[str, Any] = {}
-    if (p / METADATA_FILE).is_file():
-        raw = safe_load(p / METADATA_FILE, "checkpoint metadata", mmap=False)
-        meta = dict(raw.get("ibllm") or {})
-        hp = raw.get("hyper_parameters") or {}
-        meta.setdefault("init_from", hp.get("init_from"))
-        meta.setdefault("tokenizer", hp.get("tokenizer"))
-    return state, meta
-
-
-def consolidate(ckpt: str | Path, out: str | Path, fmt: str = "official", stage: str | None = None,
-                init_from: str | None = None, force: bool = False) -> Path:
-    """Write the trainable-only file of a sharded checkpoint folder (or of a single-file checkpoint).
-
-    ``official`` writes the official key set of the stage (a stage-2 checkpoint is completed with the
-    stage-1 tensors of its ``init_from``, like ``ibllm export``); ``safetensors`` writes our names plus a
-    JSON config. Both are written atomically. Returns the written path.
-    """
-    from ibllm.checkpoints import CheckpointError
-    from ibllm.export import export, export_official, export_safetensors
-    from ibllm.inference import Adapter, read_adapter
-    from ibllm.tuning import is_trainable
-
-    if fmt not in ("official", "safetensors"):
-        raise ValueError(f"unknown format {fmt!r}; choose official or safetensors")
-    src, out = Path(ckpt), Path(out)
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no such checkpoint")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    if not src.is_dir():  # an ordinary single-file checkpoint: same as `ibllm export`
-        return export(src, fmt, out, stage, init_from, force=True)
-    state, meta = read_sharded_checkpoint(src)
-    if not any(is_trainable(k, "pretrain") or is_trainable(k, "finetune") for k in state):
-        raise CheckpointError(f"{src}: no trainable tensors in the checkpoint")
-    adapter = Adapter(state, "lightning", str(src), meta)
-    parent_path = init_from or (meta.get("init_from") if adapter.stage == "finetune" and not adapter.has_stage1 else None)
-    if parent_path:
-        parent = read_adapter(parent_path)
-        adapter.state = {**{k: v for k, v in parent.state.items() if is_trainable(k, "pretrain")}, **adapter.state}
-        adapter.meta["stage1_source"] = str(parent_path)
-    return export_official(adapter, out, stage) if fmt == "official" else export_safetensors(adapter, out, stage)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ibllm consolidate CKPT_DIR --out FILE [--format official|safetensors]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ibllm consolidate",
-        description="Write the trainable-only adapter file of a sharded (FSDP2) checkpoint folder, offline "
-                    "in one process (no GPUs, no torch.distributed).")
-    parser.add_argument("ckpt", help="sharded checkpoint folder (e.g. runs/X/checkpoints/last.ckpt/) or a .ckpt file")
-    parser.add_argument("--out", required=True, help="output file (.pth for official, .safetensors)")
-    parser.add_argument("--format", default="official", choices=("official", "safetensors"))
-    parser.add_argument("--stage", choices=("pretrain", "finetune"), help="default: the checkpoint's stage")
-    parser.add_argument("--init-from", help="stage-1 file to complete a stage-2 checkpoint with "
-                                            "(default: the init_from recorded in the checkpoint)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output")
-    args = parser.parse_args(argv)
-    try:
-        written = consolidate(args.ckpt, args.out, args.format, args.stage, args.init_from, args.force)
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(1)
-    print(f"wrote {written}")
+    return torch.load(path / SHARDED_META_FILE, weights_only=False, map_location="cpu")

@@ -1,14 +1,18 @@
-"""Autoregressive generation with a KV cache, greedy or temperature + top-p (SPEC §2.10).
+"""Autoregressive generation: one batched, KV-cached kernel and one text wrapper over it.
 
-Prompts of different lengths are batched the official way: one buffer ``[B,T]``, every row decodes the
-same position at each step, and a row whose prompt is longer than the shortest keeps its own prompt
-token at that position instead of the sampled one. Unlike the official loop, every row stops at its own
-EOS and the whole batch stops once all rows have. The visual adapter is projected once per request.
+:func:`stream_tokens` is the kernel: greedy (temperature 0) or temperature + top-p sampling, where top-p
+keeps the smallest prefix of the sorted distribution whose mass reaches p. Prompts of different lengths
+are batched the official way: one buffer ``[B,T]``, every row decodes the same position at each step, and
+a row whose prompt is longer than the shortest keeps its own prompt token at that position instead of the
+sampled one. Unlike the official loop, every row stops at its own EOS and the whole batch stops once all
+rows have. The visual adapter is projected once per request. :func:`generate_tokens` collects the
+kernel's ids per row; :func:`stream_text` turns one row's ids into text pieces as they arrive.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,3 +105,60 @@ def generate_tokens(model: ImageBindLLM, prompts: Sequence[Sequence[int]], visua
             else:
                 outputs[row].append(tok)
     return outputs
+
+
+class IncrementalDecoder:
+    """Turns a token stream into text deltas without splitting multi-byte characters."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        """Add one id; return the new text that is safe to print (may be empty)."""
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._delta(text)
+
+    def flush(self) -> str:
+        """Whatever is left (including a trailing replacement character of a truly broken sequence)."""
+        return self._delta(self.tokenizer.decode(self.ids)) if self.ids else ""
+
+    def _delta(self, text: str) -> str:
+        if text.startswith(self.emitted):
+            new = text[len(self.emitted):]
+        else:  # a tokenizer that re-normalises earlier text (rare): print only what extends the common prefix
+            common = 0
+            while common < min(len(text), len(self.emitted)) and text[common] == self.emitted[common]:
+                common += 1
+            new = text[common:] if common == len(self.emitted) else ""
+            if common < len(self.emitted):
+                return ""
+        self.emitted = text
+        return new
+
+
+def stream_text(model: ImageBindLLM, tokenizer: Any, prompt: Sequence[int], visual: Tensor | None = None,
+                max_gen_len: int = 256, temperature: float = 0.1, top_p: float = 0.75,
+                generator: torch.Generator | None = None) -> Iterator[str]:
+    """Yield the decoded text of one prompt's answer piece by piece as :func:`stream_tokens` produces it.
+
+    ``prompt`` is one id list (BOS included), ``visual [1,1,D]`` its bound visual token (or None). Decoding
+    is incremental over the whole answer so far; text that ends in an incomplete multi-byte character
+    (U+FFFD) is held back until the next token completes it.
+    """
+    decoder = IncrementalDecoder(tokenizer)
+    for step in stream_tokens(model, [list(prompt)], visual, max_gen_len, temperature, top_p, tokenizer.eos_id,
+                              generator):
+        tok = int(step[0])
+        if tok < 0 or tok == tokenizer.eos_id:
+            continue
+        piece = decoder.push(tok)
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        yield rest

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from ibllm import tuning
 from ibllm.build import build_model, load_tokenizer_for
+from ibllm.checkpoints.adapters import base_fingerprint, load_trainable
 from ibllm.models.ibllm import ImageBindLLM, lm_loss
 
 
@@ -33,7 +33,7 @@ class ImageBindLLMModule(L.LightningModule):
         init_from: trainable weights to start from: a stage-1 checkpoint (ours) or an official file.
         lr: absolute peak learning rate; ignored when ``blr`` is set.
         blr: base learning rate; peak lr = blr x global_batch / 256 (the official rule).
-        weight_decay: AdamW weight decay on >=2-D trainable tensors (SPEC §7.2).
+        weight_decay: AdamW weight decay on >=2-D trainable tensors (1-D tensors and biases get none).
         warmup_steps: linear warmup length in optimizer steps (or ``warmup_fraction`` of all steps).
         min_lr: the cosine schedule's floor.
         frozen_dtype: storage dtype of frozen weights (``bfloat16`` halves their memory); trainables stay fp32.
@@ -151,8 +151,6 @@ class ImageBindLLMModule(L.LightningModule):
         prefix = "model."
         trainable = tuning.trainable_state_dict(self.model, self.stage)
         checkpoint["state_dict"] = {prefix + k: v for k, v in trainable.items()}
-        from ibllm.inference import base_fingerprint
-
         checkpoint["ibllm"] = {"stage": self.stage, "llm": self.hparams.llm, "imagebind": self.hparams.imagebind,
                                "imagebind_weights": self.hparams.imagebind_weights,
                                "llama_config": self.model.cfg.to_dict(),
@@ -178,30 +176,6 @@ class FinetuneModule(ImageBindLLMModule):
     """Stage 2: LoRA, biases and norms on instruction data."""
 
     stage = "finetune"
-
-
-def load_trainable(model: ImageBindLLM, path: str | Path) -> None:
-    """Load trainable weights into ``model`` from our Lightning checkpoint, our exported file, or an
-    official ImageBind-LLM file. Keys that the model lacks are an error; keys the file lacks keep their init."""
-    from ibllm.checkpoints import CheckpointError, load_official_adapter, safe_load
-
-    path = Path(path)
-    raw = safe_load(path, "trainable weights")
-    if isinstance(raw, dict) and "state_dict" in raw:  # a Lightning checkpoint of ours
-        state = {k.removeprefix("model."): v for k, v in raw["state_dict"].items()}
-    elif isinstance(raw, dict) and "model" in raw:  # official layout
-        state = load_official_adapter(path)
-    else:
-        state = raw
-    own = model.state_dict()
-    unexpected = sorted(k for k in state if k not in own)
-    if unexpected:
-        raise CheckpointError(f"{path}: keys the model does not have: {unexpected[:8]}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(own[key].shape)}")
-    model.load_state_dict(state, strict=False)
 
 
 PLACEHOLDER = "FILL_IN"

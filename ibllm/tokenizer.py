@@ -2,7 +2,7 @@
 GPT-2-style byte-level BPE stored in GGUF metadata (SmolLM2).
 
 BOS/EOS are never added by the underlying library: :meth:`Tokenizer.encode` adds them from its flags, as
-the official SentencePiece wrapper does (SPEC §2.2, §5.7). Decoding drops control tokens.
+the official SentencePiece wrapper does. Decoding drops control tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ibllm.checkpoints import CheckpointError, PathLike, find_tokenizer, gguf_field, open_gguf
+from ibllm.checkpoints.gguf import gguf_field, open_gguf
+from ibllm.checkpoints.io import CheckpointError, PathLike
+from ibllm.checkpoints.meta import find_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class SentencePieceTokenizer:
         self.eos_id: int = self.sp.eos_id()
         pad = self.sp.pad_id()
         self.pad_id: int | None = pad if pad >= 0 else None
-        self.add_bos = True  # LLaMA prompts start with BOS (SPEC §1.7)
+        self.add_bos = True  # LLaMA prompts start with BOS
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of ``text``, with BOS/EOS added as the flags say."""

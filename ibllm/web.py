@@ -1,8 +1,8 @@
 """Browser demo: ``python -m ibllm serve`` — multimodal chat with streaming answers (gradio).
 
 A page where a person uploads any mix of image, audio, video and point-cloud files with one weight each
-(the modality mixing of SPEC §6.1), switches the visual cache on or off and sets its k / temperature /
-weight, asks questions in a multi-turn conversation (with a reset) and watches each answer stream in.
+(the embeddings are mixed into one visual token by those weights), switches the visual cache on or off
+and sets its k / temperature / weight, asks questions in a multi-turn conversation (with a reset) and watches each answer stream in.
 Generation settings (max length, temperature, top-p, seed) sit beside the chat.
 
 Everything runs through the inference API (:func:`ibllm.load`, :meth:`InferenceModel.visual`,
@@ -42,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ibllm.api import normalise_inputs
+from ibllm.cli.common import RECOVERABLE, add_load_arguments, fail, inputs_from_args, load_from_args, one_line
+
 # Offline by construction: set before gradio (and huggingface_hub) are imported.
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                "GRADIO_SSR_MODE": "False", "GRADIO_SHARE": "False", "DO_NOT_TRACK": "1"}
@@ -55,7 +58,7 @@ WEB_MODALITIES: tuple[tuple[str, str, str], ...] = (
 )
 BRANCH = {"image": "vision", "video": "vision", "audio": "audio", "point": "point"}
 CONCURRENCY_ID = "generate"
-# SPEC §6.2: the official demo's defaults.
+# The official demo's defaults (generation) and the visual cache's constants.
 DEFAULTS = {"max_gen_len": 128, "temperature": 0.1, "top_p": 0.75, "weight": 1.0, "cache_k": 10,
             "cache_temperature": 20.0, "cache_weight": 0.5}
 
@@ -73,7 +76,7 @@ def set_offline_env() -> None:
 
 @dataclass
 class CacheSettings:
-    """Visual-cache switch and its SPEC §6.1 constants for one request."""
+    """Visual-cache switch and its constants (neighbours k, softmax temperature, mixing weight) for one request."""
 
     enabled: bool = False
     k: int = DEFAULTS["cache_k"]
@@ -92,7 +95,7 @@ class GenerationSettings:
 
 
 class ChatEngine:
-    """Answers chat requests from the web page / API with a shared :class:`~ibllm.inference.InferenceModel`.
+    """Answers chat requests from the web page / API with a shared :class:`~ibllm.api.InferenceModel`.
 
     Stateless per request (the conversation comes with the request), so any number of browser sessions
     can use one engine; a lock makes sure only one generation runs at a time even outside gradio's queue.
@@ -141,8 +144,6 @@ class ChatEngine:
         The last value is the stripped final answer. Raises ``ValueError`` / ``OSError`` for bad requests
         (before any text is produced).
         """
-        from ibllm.inference import normalise_inputs
-
         cache, gen = cache or CacheSettings(), gen or GenerationSettings()
         if not question or not question.strip():
             raise ValueError("type a question first")
@@ -169,8 +170,6 @@ class ChatEngine:
 
 def error_line(err: BaseException, uploads: Mapping[str, str] | None = None) -> str:
     """``error: ...`` in one line; gradio's upload folders are shortened to the uploaded file's name."""
-    from ibllm.chat import one_line
-
     text = one_line(err)
     for path in (uploads or {}).values():
         if path and str(path) in text:
@@ -223,7 +222,7 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
                                 weights[modality] = gr.Slider(0.0, 1.0, value=DEFAULTS["weight"], step=0.05,
                                                               label=f"{label} weight", info=exts,
                                                               elem_id=f"ibllm-{modality}-weight")
-                with gr.Accordion("Visual cache (SPEC §6.1)", open=engine.has_cache, elem_id="ibllm-cache"):
+                with gr.Accordion("Visual cache", open=engine.has_cache, elem_id="ibllm-cache"):
                     use_cache = gr.Checkbox(value=engine.has_cache, label="use the visual cache",
                                             interactive=engine.has_cache, elem_id="ibllm-cache-on",
                                             info=None if engine.has_cache else "no cache loaded (--cache PATH)")
@@ -360,12 +359,10 @@ def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, quiet: bool = Fa
 
 def build_parser() -> argparse.ArgumentParser:
     """Parser of ``python -m ibllm serve`` (model options as for ``python -m ibllm chat``)."""
-    from ibllm.chat import add_load_arguments
-
     parser = argparse.ArgumentParser(prog="python -m ibllm serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_arguments(parser)
-    parser.set_defaults(max_gen_len=DEFAULTS["max_gen_len"])  # the page's defaults (SPEC §6.2)
+    parser.set_defaults(max_gen_len=DEFAULTS["max_gen_len"])  # the page's defaults (the official demo's)
     w = parser.add_argument_group("server")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=7860)
@@ -375,8 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m ibllm serve``: the browser demo."""
-    from ibllm.chat import RECOVERABLE, _fail, inputs_from_args, load_from_args
-
     set_offline_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -390,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise ValueError("serve takes no input files: upload them on the page")
         model = load_from_args(args)
     except RECOVERABLE as e:
-        _fail(e)
+        fail(e)
     gen = GenerationSettings(args.max_gen_len, args.temperature, args.top_p, args.seed)
     app = build_app(ChatEngine(model), title=args.title, gen=gen)
     launch(app, args.host, args.port)

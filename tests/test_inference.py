@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 import ibllm
+from ibllm.api import normalise_inputs
 from ibllm.checkpoints import CheckpointError, save_atomic, save_meta_llama
+from ibllm.checkpoints.adapters import BaseModelMismatch, base_fingerprint, infer_imagebind, read_adapter
 from ibllm.config import imagebind_preset, llama_preset
-from ibllm.inference import (BaseModelMismatch, IncrementalDecoder, base_fingerprint, infer_imagebind,
-                             normalise_inputs, read_adapter)
+from ibllm.generation import IncrementalDecoder
 from ibllm.models.imagebind import build_imagebind
 
 VOCAB = 120  # the conftest sentencepiece model's size
@@ -198,7 +199,7 @@ def test_fingerprint_ignores_storage_dtype(model):
 
 
 def test_official_files_load_for_inference_and_training(tiny, model, tmp_path):
-    from ibllm.export import export_official
+    from ibllm.checkpoints.export import export_official
     from ibllm.lit import load_trainable
     from ibllm.models.ibllm import ImageBindLLM
 
@@ -224,7 +225,7 @@ def test_official_files_load_for_inference_and_training(tiny, model, tmp_path):
 
 
 def test_official_adapter_on_plain_7b_name_warns(tiny, tmp_path):
-    from ibllm.export import export_official
+    from ibllm.checkpoints.export import export_official
 
     export_official(read_adapter(tiny["stage1"]), tmp_path / "a.pth", "pretrain")
     raw = torch.load(tmp_path / "a.pth", weights_only=True)

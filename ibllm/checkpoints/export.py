@@ -1,6 +1,6 @@
-"""Export and import of ImageBind-LLM adapters: ``python -m ibllm export CKPT --format F OUT``.
+"""Export and import of ImageBind-LLM adapters (the ``python -m ibllm export CKPT --format F OUT`` verb).
 
-``CKPT`` is anything :func:`ibllm.inference.read_adapter` reads: our Lightning checkpoint (a stage-2
+``CKPT`` is anything :func:`ibllm.checkpoints.adapters.read_adapter` reads: our Lightning checkpoint (a stage-2
 checkpoint is completed with the stage-1 tensors of the ``init_from`` it was trained from), our
 safetensors export, or an official ``7B.pth`` / ``7B-pretrained.pth`` file — so importing an official
 file is ``export 7B.pth --format safetensors ours.safetensors`` (or passing it straight to ``ibllm.load``
@@ -10,7 +10,7 @@ Formats
 -------
 ``official``
     ``{'model': {...}, 'config': {'ibllm': {...}}}`` with exactly the official key names and shapes of the
-    stage (SPEC §7.5: ``7B-pretrained.pth`` set for stage 1, ``7B.pth`` set for stage 2). The official
+    stage (the ``7B-pretrained.pth`` set for stage 1, the ``7B.pth`` set for stage 2). The official
     loader ignores ``config``; ours reads the base-model identity from it.
 ``safetensors``
     The trainable-only tensors under our names (stage 2 includes the stage-1 tensors, like ``7B.pth``),
@@ -39,22 +39,25 @@ temporary name and renamed into place at the end.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ibllm.atomic import write_text_atomic
-from ibllm.inference import (MERGED_CONFIG, MERGED_EXTRA, SAFETENSORS_META_KEY, VISUAL_WV, Adapter,
-                             VisualProjectionLinear, adapter_dims, base_fingerprint, build_from_adapter, merge_lora,
-                             read_adapter)
+from ibllm.build import build_from_adapter, resolve_llm_path
+from ibllm.checkpoints.adapters import (MERGED_CONFIG, MERGED_EXTRA, SAFETENSORS_META_KEY, VISUAL_WV, Adapter,
+                                        adapter_dims, add_stage1, base_fingerprint, read_adapter)
+from ibllm.checkpoints.io import CheckpointError, save_atomic, write_json
+from ibllm.checkpoints.meta import find_tokenizer, save_meta_llama
+from ibllm.checkpoints.official import official_state
+from ibllm.config import LLaMAConfig
+from ibllm.models.merge import VisualProjectionLinear, merge_lora
+from ibllm.tuning import is_trainable
 
 FORMATS = ("official", "safetensors", "merged")
 META_FIELDS = ("stage", "llm", "imagebind", "imagebind_weights", "llama_config", "base_fingerprint", "tokenizer")
@@ -68,10 +71,6 @@ def _meta_for_file(ad: Adapter, stage: str) -> dict[str, Any]:
     return meta
 
 
-def _write_json_atomic(data: Mapping[str, Any], path: Path) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
 def _stage(ad: Adapter, stage: str | None) -> str:
     stage = stage or ad.stage
     if stage not in ("pretrain", "finetune"):
@@ -81,57 +80,30 @@ def _stage(ad: Adapter, stage: str | None) -> str:
 
 def export_official(ad: Adapter, out: str | Path, stage: str | None = None) -> Path:
     """Write the official layout for ``stage`` (default: the adapter's) to ``out``; returns the path."""
-    from ibllm.checkpoints import (CheckpointError, _own_storage, check_state_dict, convert_official_checkpoint,
-                                   official_adapter_shapes, ours_to_official, save_atomic)
-    from ibllm.config import LLaMAConfig
-
     stage = _stage(ad, stage)
-    official = convert_official_checkpoint(ours_to_official(ad.state), "adapter to export")
     layout = _layout_config(ad)
-    wanted = official_adapter_shapes(layout, stage)
-    every = official_adapter_shapes(layout, "finetune")
-    source = f"official export of {ad.source} to {out}"
-    unknown = [k for k in official if k not in every]
-    if unknown:
-        raise CheckpointError(f"{source}: key(s) no official file has: {unknown[:5]}")
-    missing = [k for k in wanted if k not in official]
-    if missing:
-        hint = (" (a stage-2 checkpoint needs its stage-1 tensors: pass --init-from STAGE1)"
-                if stage == "finetune" and any(k.startswith(("image_bind_", "prefix_query")) for k in missing) else "")
-        raise CheckpointError(f"{source} (stage {stage}): missing key(s) {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}{hint}")
-    if isinstance(layout, LLaMAConfig) and layout.dim > 1:
-        check_state_dict({k: official[k] for k in wanted}, wanted, source)
-    model = {k: _own_storage(official[k]) for k in wanted}
     out = Path(out)
+    model = official_state(ad.state, stage, layout, f"official export of {ad.source} to {out}")
     save_atomic({"model": model, "config": {"ibllm": _meta_for_file(ad, stage)}}, out)
     return out
 
 
-def _layout_config(ad: Adapter) -> Any:
-    """A LLaMAConfig with the adapter's shapes (from its recorded config, else only the layer count)."""
-    import re
-
-    from ibllm.config import LLaMAConfig
-
+def _layout_config(ad: Adapter) -> LLaMAConfig | None:
+    """A LLaMAConfig with the adapter's shapes from its recorded config (None when it records none)."""
     recorded = ad.meta.get("llama_config")
-    if recorded:
-        cfg = LLaMAConfig.from_dict(dict(recorded))
-        dims = adapter_dims(ad.state)
-        cfg.visual_dim = dims.get("visual_dim", cfg.visual_dim)
-        cfg.lora_rank = dims.get("lora_rank", cfg.lora_rank)
-        if "n_query_layers" in dims:
-            cfg.query_layer = None if dims["n_query_layers"] == cfg.n_layers else dims["n_query_layers"]
-        return cfg
-    layers = [int(m[1]) for k in ad.state if (m := re.match(r"llama\.layers\.(\d+)\.", k))]
-    return LLaMAConfig(dim=1, n_layers=max(layers) + 1 if layers else 1, n_heads=1)
+    if not recorded:
+        return None
+    cfg = LLaMAConfig.from_dict(dict(recorded))
+    dims = adapter_dims(ad.state)
+    cfg.visual_dim = dims.get("visual_dim", cfg.visual_dim)
+    cfg.lora_rank = dims.get("lora_rank", cfg.lora_rank)
+    if "n_query_layers" in dims:
+        cfg.query_layer = None if dims["n_query_layers"] == cfg.n_layers else dims["n_query_layers"]
+    return cfg
 
 
 def export_safetensors(ad: Adapter, out: str | Path, stage: str | None = None) -> Path:
     """Write the trainable tensors (our names) to ``out`` (.safetensors) plus ``out.json``; returns the path."""
-    from ibllm.checkpoints import save_atomic
-    from ibllm.tuning import is_trainable
-
     stage = _stage(ad, stage)
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -142,15 +114,13 @@ def export_safetensors(ad: Adapter, out: str | Path, stage: str | None = None) -
         raise ValueError(f"{ad.source}: no trainable tensors to export")
     meta = _meta_for_file(ad, stage)
     save_atomic(keep, out, metadata={"format": "pt", SAFETENSORS_META_KEY: json.dumps(meta, default=str)})
-    _write_json_atomic(meta, out.with_suffix(".json"))
+    write_json(meta, out.with_suffix(".json"))
     return out
 
 
 def export_merged(ad: Adapter, out: str | Path, llama: str | None = None, tokenizer: str | None = None,
                   imagebind: str | None = None, force: bool = False, check_base: bool = True) -> Path:
     """Fold LoRA into the base weights and write the merged folder (see the module docstring)."""
-    from ibllm.checkpoints import CheckpointError, save_atomic, save_meta_llama
-
     out = Path(out)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
@@ -186,7 +156,7 @@ def export_merged(ad: Adapter, out: str | Path, llama: str | None = None, tokeni
             "how_to_load": "ibllm.load(adapter=THIS_FOLDER[, imagebind=..., tokenizer=...]); the Meta files alone "
                            "lack the stage-2 biases, gates, bind network and the visual wv (extra.safetensors)",
         }
-        _write_json_atomic(config, tmp / MERGED_CONFIG)
+        write_json(config, tmp / MERGED_CONFIG)
         (tmp / "README.md").write_text(_README.format(stage=model.stage, llm=llm, n=len(extra)), encoding="utf-8")
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -223,12 +193,14 @@ model = ibllm.load(adapter="THIS_FOLDER", imagebind="imagebind_huge.pth")
 print(model.generate({{"image": ["a.jpg"]}}, ["Describe the image."]))
 ```
 
-Serving elsewhere: add each bias to its linear's output, and implement the injection as in SPEC §2.8.
+Serving elsewhere: add each bias to its linear's output, and implement the gated injection: in every layer
+that receives the visual token, the token plus that layer's `prefix_query` row is projected by the un-merged
+`wv`, scaled per head by `tanh(gate)`, and added to every position's attention output (before `wo`).
 """
 
 
 def merged_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(Meta-named LLaMA state, extra tensors)`` of a model after :func:`ibllm.inference.merge_lora`."""
+    """``(Meta-named LLaMA state, extra tensors)`` of a model after :func:`ibllm.models.merge.merge_lora`."""
     llama = model.llama
     meta: dict[str, Tensor] = {"tok_embeddings.weight": llama.tok_embeddings.weight.detach(),
                                "norm.weight": llama.norm.weight.detach(),
@@ -258,9 +230,6 @@ def merged_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, T
 
 
 def _tokenizer_file(llm: str, tokenizer: str | None) -> Path | None:
-    from ibllm.build import resolve_llm_path
-    from ibllm.checkpoints import find_tokenizer
-
     if tokenizer:
         return Path(tokenizer)
     path = resolve_llm_path(llm)
@@ -279,10 +248,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, stage: str | None = None
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     ad = read_adapter(ckpt)
     if init_from:
-        parent = read_adapter(init_from)
-        from ibllm.tuning import is_trainable
-
-        ad.state = {**{k: v for k, v in parent.state.items() if is_trainable(k, "pretrain")}, **ad.state}
+        add_stage1(ad, init_from)
     out = Path(out)
     if fmt != "merged" and out.exists() and out.is_dir():
         raise IsADirectoryError(f"{out} is a folder; give a file name")
@@ -293,30 +259,3 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, stage: str | None = None
     if fmt == "safetensors":
         return export_safetensors(ad, out, stage)
     return export_merged(ad, out, llama, tokenizer, imagebind, force, check_base)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ibllm export CKPT --format official|safetensors|merged OUT``."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m ibllm export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt", help="our checkpoint / safetensors export, or an official 7B.pth / 7B-pretrained.pth")
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("out", help="output file (official, safetensors) or folder (merged)")
-    parser.add_argument("--stage", choices=("pretrain", "finetune"), help="default: the checkpoint's stage")
-    parser.add_argument("--init-from", help="stage-1 file to complete a stage-2 checkpoint with")
-    parser.add_argument("--llama", "--llm", dest="llama", help="merged: base model (default: recorded in CKPT)")
-    parser.add_argument("--tokenizer", help="merged: tokenizer file (default: the base model's)")
-    parser.add_argument("--imagebind", help="merged: encoder weights to record (default: recorded in CKPT)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output")
-    parser.add_argument("--no-check-base", action="store_true", help="merged: warn instead of failing on a "
-                                                                     "base-model mismatch")
-    args = parser.parse_args(argv)
-    try:
-        written = export(args.ckpt, args.format, args.out, args.stage, args.init_from, args.llama, args.tokenizer,
-                         args.imagebind, args.force, not args.no_check_base)
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(1)
-    print(f"wrote {written}")
