@@ -7,8 +7,8 @@ reads every shard once, split across ranks and workers, in a fixed order, with t
 Bad data never stops training: corrupt images, missing captions/images, undecodable UTF-8, bad
 ``.npy`` features and unreadable shards are skipped and counted per reason. Every batch carries
 ``batch["skipped"]`` (a ``{reason: count}`` dict, cumulative for the worker that built the batch) and
-``batch["reader"]`` (``"<split>/<global worker index>"``); :class:`SkipTally` sums them across
-workers (the latest count of each reader: the current training epoch plus the latest validation).
+``batch["reader"]`` (``"<split>/<global worker index>"``); the training module sums them across
+workers with :class:`ibllm.processing.shards.SkipTally` and logs the totals.
 """
 
 from __future__ import annotations
@@ -22,25 +22,16 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 
-from datamodules.shards import (
-    ReaderInfo,
-    SharedEpoch,
-    Source,
-    make_seed,
-    ordered_shards,
-    reader_info,
-    resampled_shards,
-)
+from datamodules.shards import SharedEpoch, Source, make_seed, ordered_shards, resampled_shards
+from ibllm.processing.image import load_image
 from ibllm.processing.samples import build_sample, collate
+from ibllm.processing.shards import IMAGE_EXTENSIONS, WorldInfo, tar_samples, world_info
 from ibllm.processing.templates import caption_prompt
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 class SkipSample(Exception):
@@ -63,31 +54,6 @@ class SkipCounter:
         self.counts[reason] = n
         if n & (n - 1) == 0:
             log.warning("skipped sample (%s, %d so far): %s", reason, n, detail)
-
-
-class SkipTally:
-    """Sums the cumulative per-reader ``batch["skipped"]`` dicts into one total across readers."""
-
-    def __init__(self) -> None:
-        self._latest: dict[Any, dict[str, int]] = {}
-
-    def update(self, batch: dict[str, Any]) -> None:
-        """Record the skip counts a batch carries (no-op if it carries none)."""
-        if "skipped" in batch:
-            self._latest[batch.get("reader", 0)] = dict(batch["skipped"])
-
-    def reset(self) -> None:
-        """Forget everything (workers restart their counts each epoch unless persistent)."""
-        self._latest.clear()
-
-    @property
-    def totals(self) -> dict[str, int]:
-        """``{reason: count}`` summed over readers."""
-        out: dict[str, int] = {}
-        for counts in self._latest.values():
-            for k, v in counts.items():
-                out[k] = out.get(k, 0) + v
-        return out
 
 
 class CaptionDecoder:
@@ -144,8 +110,6 @@ class CaptionDecoder:
         data = next((raw[e] for e in IMAGE_EXTENSIONS if raw.get(e) is not None), None)
         if data is None:
             raise SkipSample("missing_image", key)
-        from ibllm.processing.image import load_image
-
         try:
             image = load_image(data, train=self.train_transform, size=self.image_size, generator=generator)
         except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
@@ -251,7 +215,7 @@ class CaptionShardDataset(IterableDataset):
         """Batches one rank yields per epoch (None when the epoch is one pass over unknown data)."""
         if not self.samples_per_epoch:
             return None
-        world = world_size if world_size is not None else reader_info(self.rank, self.world_size, 0, 1).world_size
+        world = world_size if world_size is not None else world_info(self.rank, self.world_size, 0, 1).world_size
         n = math.ceil(self.samples_per_epoch / (self.batch_size * world))
         return math.ceil(n / self.num_workers) * self.num_workers
 
@@ -261,7 +225,7 @@ class CaptionShardDataset(IterableDataset):
             raise TypeError("length unknown without samples_per_epoch")
         return n
 
-    def shard_stream(self, info: ReaderInfo) -> Iterator[str]:
+    def shard_stream(self, info: WorldInfo) -> Iterator[str]:
         """The shard URLs this reader opens this epoch."""
         epoch = self.epoch.get()
         if self.resampled:
@@ -271,7 +235,7 @@ class CaptionShardDataset(IterableDataset):
         shuffle_seed = make_seed("order", self.seed, self.resume_count, epoch) if self.shuffle_shards else None
         return iter(ordered_shards(urls, info, shuffle_seed))
 
-    def samples(self, info: ReaderInfo) -> Iterator[dict[str, Any]]:
+    def samples(self, info: WorldInfo) -> Iterator[dict[str, Any]]:
         """Decoded samples of one reader (skips counted in ``self.counter``)."""
         epoch = self.epoch.get()
         seed = make_seed("samples", self.seed, self.resume_count, epoch, info.rank, info.worker)
@@ -290,11 +254,10 @@ class CaptionShardDataset(IterableDataset):
                     f"check the shard specification. Counts so far: {self.counter.counts}"
                 )
 
-        def on_tar_error(exc: Exception) -> bool:
+        def on_tar_error(exc: Exception) -> None:
             fail("bad_shard", repr(exc))
-            return True
 
-        raw = wds.tariterators.tarfile_samples(({"url": u} for u in self.shard_stream(info)), handler=on_tar_error)
+        raw = tar_samples(self.shard_stream(info), on_tar_error)
         for item in _shuffled(raw, self.shuffle_buffer, rng):
             try:
                 sample = self.decoder(item, generator)
@@ -304,7 +267,7 @@ class CaptionShardDataset(IterableDataset):
             failures = 0
             yield sample
 
-    def iter_reader(self, info: ReaderInfo) -> Iterator[dict[str, Any]]:
+    def iter_reader(self, info: WorldInfo) -> Iterator[dict[str, Any]]:
         """Collated batches for an explicit reader (tests call this to simulate ranks and workers)."""
         self.counter = SkipCounter()
         limit = None
@@ -323,14 +286,14 @@ class CaptionShardDataset(IterableDataset):
         if buf and not self.drop_last:
             yield self._batch(buf, info)
 
-    def _batch(self, samples: list[dict[str, Any]], info: ReaderInfo) -> dict[str, Any]:
+    def _batch(self, samples: list[dict[str, Any]], info: WorldInfo) -> dict[str, Any]:
         batch = collate(samples)
         batch["skipped"] = dict(self.counter.counts)
         batch["reader"] = f"{self.name}/{info.global_worker}"
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self.iter_reader(reader_info(self.rank, self.world_size))
+        return self.iter_reader(world_info(self.rank, self.world_size))
 
 
 class _EpochSampler(_InfiniteConstantSampler):

@@ -1,4 +1,6 @@
-"""Shard lists: URL expansion, weighted sources, rank/worker info and the two shard orders.
+"""Shard orders of the caption data: weighted sources, the shared epoch and the two ways to walk shards.
+
+Listing shards and resolving ranks/workers live in :mod:`ibllm.processing.shards`.
 
 * Training (``resampled=True``): every (rank, worker) draws shards independently and forever from the
   weighted sources with its own seed ``(seed, resume_count, epoch, rank, worker)``; the epoch length
@@ -16,32 +18,9 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence
 
-import braceexpand
-import torch
-
-LIST_FILE_SUFFIXES = (".txt", ".list", ".lst", ".shards")
-
-UrlSpec = Union[str, Path, Sequence[Union[str, Path]]]
-
-
-def expand_urls(spec: UrlSpec) -> list[str]:
-    """Expand a shard spec into a flat list of URLs/paths.
-
-    Accepts a brace pattern (``data/{00000..00099}.tar``), several patterns joined with ``::``, a
-    directory (its ``*.tar`` files, sorted), a list file (suffix ``.txt``/``.list``/``.lst``/``.shards``, one spec per line, ``#`` comments allowed),
-    or a list of any of these.
-    """
-    if isinstance(spec, (list, tuple)):
-        return [u for item in spec for u in expand_urls(item)]
-    spec = str(spec)
-    if os.path.isdir(spec):
-        return sorted(str(p) for p in Path(spec).glob("*.tar"))
-    if spec.endswith(LIST_FILE_SUFFIXES) and os.path.isfile(spec):
-        lines = Path(spec).read_text().splitlines()
-        return expand_urls([ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")])
-    return [u for part in spec.split("::") if part for u in braceexpand.braceexpand(part)]
+from ibllm.processing.shards import WorldInfo, expand_urls, rank_shards
 
 
 @dataclass
@@ -94,53 +73,13 @@ class SharedEpoch:
         return int(self._value.value)
 
 
-@dataclass
-class ReaderInfo:
-    """Who is reading: distributed rank/world size and DataLoader worker id/count."""
-
-    rank: int = 0
-    world_size: int = 1
-    worker: int = 0
-    num_workers: int = 1
-
-    @property
-    def global_worker(self) -> int:
-        """A unique reader index in ``[0, world_size * num_workers)``."""
-        return self.rank * self.num_workers + self.worker
-
-
-def dist_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
-    """Rank and world size: explicit values, else torch.distributed, else ``RANK``/``WORLD_SIZE`` env, else (0, 1)."""
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return 0, 1
-
-
-def reader_info(
-    rank: Optional[int] = None,
-    world_size: Optional[int] = None,
-    worker: Optional[int] = None,
-    num_workers: Optional[int] = None,
-) -> ReaderInfo:
-    """Resolve a :class:`ReaderInfo`; explicit arguments win (tests simulate ranks/workers this way)."""
-    r, w = dist_info(rank, world_size)
-    if worker is None or num_workers is None:
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return ReaderInfo(r, w, worker, num_workers)
-
-
 def make_seed(*parts: Any) -> int:
     """A stable 63-bit seed from any values (independent of PYTHONHASHSEED)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def resampled_shards(sources: Sequence[Source], seed: int, info: ReaderInfo) -> Iterator[str]:
+def resampled_shards(sources: Sequence[Source], seed: int, info: WorldInfo) -> Iterator[str]:
     """Endless stream of shard URLs: pick a source by weight, then a shard uniformly, with a per-reader RNG."""
     rng = random.Random(seed)
     weights = [s.weight for s in sources]
@@ -151,13 +90,13 @@ def resampled_shards(sources: Sequence[Source], seed: int, info: ReaderInfo) -> 
         yield rng.choice(source.urls)
 
 
-def split_shards(urls: Sequence[str], info: ReaderInfo) -> list[str]:
+def split_shards(urls: Sequence[str], info: WorldInfo) -> list[str]:
     """Shards of one reader: split by rank, then by worker (disjoint across all readers)."""
-    return list(urls)[info.rank :: info.world_size][info.worker :: info.num_workers]
+    return rank_shards(urls, info.rank, info.world_size)[info.worker :: info.num_workers]
 
 
 def ordered_shards(
-    urls: Sequence[str], info: ReaderInfo, shuffle_seed: Optional[int] = None
+    urls: Sequence[str], info: WorldInfo, shuffle_seed: Optional[int] = None
 ) -> list[str]:
     """Non-resampled shard order: optionally shuffle the full list with a shared seed, then split."""
     urls = list(urls)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.captions import CaptionDecoder, CaptionShardDataset, SkipTally, make_loader
+from datamodules.captions import CaptionDecoder, CaptionShardDataset, make_loader
 from datamodules.common import resolve_tokenizer
 from datamodules.shards import parse_sources, restart_count
 
@@ -45,8 +45,8 @@ class WebDatasetCaptions(L.LightningDataModule):
 
     Batches: ``tokens [B,S]``, ``labels [B,S]`` (-100 = ignore), ``image [B,3,H,W]`` or
     ``feature [B,C]``, ``inject [B]`` (all True), ``caption``/``key`` lists, ``skipped`` (per-worker
-    cumulative ``{reason: count}``), ``reader`` (``"train/<worker>"``). :attr:`skipped` sums the counts over
-    workers for batches seen by the main process.
+    cumulative ``{reason: count}``), ``reader`` (``"train/<worker>"``); the training module sums the
+    counts over workers and logs them (``data/skipped_<reason>``).
     """
 
     def __init__(
@@ -85,7 +85,6 @@ class WebDatasetCaptions(L.LightningDataModule):
         self.resume_count = restart_count(resume_count)
         self.ignore_unk = ignore_unk
         self.pin_memory = pin_memory
-        self.tally = SkipTally()
         self.train_dataset: Optional[CaptionShardDataset] = None
         self.val_dataset: Optional[CaptionShardDataset] = None
 
@@ -168,17 +167,6 @@ class WebDatasetCaptions(L.LightningDataModule):
         if self.val_dataset is None:
             return []
         return make_loader(self.val_dataset, self.num_workers, self.pin_memory)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Record the batch's skip counters (main process) before it moves to the device."""
-        if isinstance(batch, dict):
-            self.tally.update(batch)
-        return batch
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        """``{reason: count}`` of skipped samples summed over the workers seen so far."""
-        return self.tally.totals
 
     def state_dict(self) -> dict[str, Any]:
         """Saved with Lightning checkpoints: how often this run has been resumed."""

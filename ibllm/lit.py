@@ -19,6 +19,7 @@ from ibllm import tuning
 from ibllm.build import build_model, load_tokenizer_for
 from ibllm.checkpoints.adapters import base_fingerprint, load_trainable
 from ibllm.models.ibllm import ImageBindLLM, lm_loss
+from ibllm.processing.shards import SkipTally
 
 
 class ImageBindLLMModule(L.LightningModule):
@@ -56,6 +57,7 @@ class ImageBindLLMModule(L.LightningModule):
         self.model: ImageBindLLM | None = None
         self.strict_loading = False  # checkpoints hold only the trainable parameters
         self._last_step_time: float | None = None
+        self.skips = SkipTally()  # bad-sample counts the caption batches carry, summed over readers
 
     # ---- model ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -101,12 +103,13 @@ class ImageBindLLMModule(L.LightningModule):
         bsz = batch["tokens"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
         self._log_throughput(batch)
-        skipped = getattr(self.trainer.datamodule, "skipped", None) if self.trainer.datamodule else None
-        for reason, count in (skipped or {}).items():
+        self.skips.update(batch)
+        for reason, count in self.skips.totals.items():
             self.log(f"data/skipped_{reason}", float(count), batch_size=bsz)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.skips.update(batch)  # held-out skips join the totals logged by the next training step
         loss = lm_loss(self(batch), batch["labels"])
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["tokens"].shape[0], sync_dist=True)
         return loss

@@ -5,17 +5,21 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
 from datamodules.captions import CaptionShardDataset
 from datamodules.instructions import InstructionData, load_records
-from datamodules.shards import ReaderInfo, expand_urls, parse_sources
+from datamodules.shards import parse_sources
 from datamodules.webdataset_captions import WebDatasetCaptions
+from ibllm.lit import PretrainModule
 from ibllm.processing.samples import IGNORE_INDEX
+from ibllm.processing.shards import SkipTally, WorldInfo, expand_urls, read_tar_samples, tar_samples, world_info
 
 SIZE = 32
 
@@ -69,7 +73,7 @@ def module(train=None, val=None, **kw) -> WebDatasetCaptions:
     return WebDatasetCaptions(train=train, val=val, **args)
 
 
-def keys_of(ds: CaptionShardDataset, info: ReaderInfo) -> list[str]:
+def keys_of(ds: CaptionShardDataset, info: WorldInfo) -> list[str]:
     return [k for b in ds.iter_reader(info) for k in b["key"]]
 
 
@@ -86,11 +90,69 @@ def test_expand_urls(tmp_path) -> None:
     assert [s.weight for s in src] == [3.0, 1.0] and src[0].urls == ["a/0.tar", "a/1.tar"]
 
 
+def test_expand_globs(tmp_path) -> None:
+    for name in ("b-1.tar", "a-0.tar", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_urls(str(tmp_path / "*-?.tar")) == [str(tmp_path / "a-0.tar"), str(tmp_path / "b-1.tar")]
+    assert expand_urls(str(tmp_path / "{a,b}-*.tar")) == [str(tmp_path / "a-0.tar"), str(tmp_path / "b-1.tar")]
+    assert expand_urls("https://host/x-*.tar") == ["https://host/x-*.tar"]  # remote: no local globbing
+
+
+def test_world_info_from_launchers(monkeypatch) -> None:
+    assert world_info(env={}, worker=0, num_workers=1) == WorldInfo(0, 1, 0, 1, 0)
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert world_info(env=torchrun, worker=0, num_workers=1) == WorldInfo(3, 4, 0, 1, 1)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    assert world_info(env=slurm, worker=1, num_workers=2) == WorldInfo(5, 8, 1, 2, 1)
+    mpi = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
+    assert world_info(env=mpi, worker=0, num_workers=1).rank == 2
+    lightning_child = {"LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    assert world_info(env=lightning_child, worker=0, num_workers=1).rank == 1
+    assert world_info(env={"LOCAL_RANK": "1"}, worker=0, num_workers=1).rank == 0  # no world size: one process
+    assert world_info(1, 2, env=slurm, worker=0, num_workers=1).rank == 1  # explicit values win
+    with pytest.raises(ValueError, match="invalid rank 2 for world size 2"):
+        world_info(2, 2, env={})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (world_info().rank, world_info().world_size, world_info().global_worker) == (1, 2, 1)
+
+
+def test_tar_reader_groups_members_and_reports_damage(tmp_path) -> None:
+    pattern = write_shards(tmp_path / "d", 1, 3)
+    (url,) = expand_urls(pattern)
+    samples = list(read_tar_samples(url))
+    assert [s.key for s in samples] == ["s0_000", "s0_001", "s0_002"]
+    assert sorted(i.name for i, _ in samples[0].members) == ["s0_000.json", "s0_000.png", "s0_000.txt"]
+    assert samples[1].image()[0] == "s0_001.png" and samples[1].fields()["txt"] == b"caption 0 1"
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(Path(url).read_bytes()[:3000])
+    errors: list[Exception] = []
+    got = list(tar_samples([str(tmp_path / "missing.tar"), str(truncated), url], errors.append))
+    assert [type(e) for e in errors][0] is FileNotFoundError and len(errors) == 2
+    assert [f["__key__"] for f in got][-3:] == ["s0_000", "s0_001", "s0_002"]  # the next shard still reads
+    assert got[-1]["__url__"] == url and set(got[-1]) == {"__key__", "__url__", "png", "txt", "json"}
+
+
+def test_training_step_logs_skips_from_the_batch(sp_model) -> None:
+    module = PretrainModule(llm="tiny", tokenizer=sp_model, imagebind="tiny", modalities=[])
+    module.configure_model()
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
+    module._trainer = SimpleNamespace(world_size=1)  # all a training step asks of its trainer here
+    tokens = torch.randint(3, 100, (2, 6))
+    feature = torch.randn(2, module.model.cfg.visual_dim)
+    batch = {"tokens": tokens, "labels": tokens.clone(), "feature": feature, "inject": torch.ones(2, dtype=torch.bool)}
+    module.training_step({**batch, "skipped": {"bad_image": 2}, "reader": "train/0"}, 0)
+    module.validation_step({**batch, "skipped": {"bad_image": 1, "missing_caption": 4}, "reader": "val/0"}, 0)
+    module.training_step({**batch, "skipped": {"bad_image": 3}, "reader": "train/1"}, 1)
+    assert logged["data/skipped_bad_image"] == 6.0 and logged["data/skipped_missing_caption"] == 4.0
+
+
 def test_skips_counted_never_crash(tmp_path) -> None:
     pattern = write_shards(tmp_path / "d", 2, 5, bad=True)
     dm = module(val=pattern)
     ds = dm.build_val_dataset()
-    batches = list(ds.iter_reader(ReaderInfo()))
+    batches = list(ds.iter_reader(WorldInfo()))
     assert sum(len(b["key"]) for b in batches) == 10
     assert batches[-1]["skipped"] == {"bad_image": 1, "missing_caption": 1, "bad_utf8": 1, "missing_image": 1}
     b = batches[0]
@@ -99,9 +161,10 @@ def test_skips_counted_never_crash(tmp_path) -> None:
     # through a real DataLoader with two workers (+ an unreadable shard): counts summed over workers
     dm = module(val=[pattern, str(tmp_path / "missing.tar")], num_workers=2)
     dm.setup("validate")
+    tally = SkipTally()
     for batch in dm.val_dataloader():
-        dm.on_before_batch_transfer(batch, 0)
-    assert dm.skipped == {"bad_image": 1, "missing_caption": 1, "bad_utf8": 1, "missing_image": 1, "bad_shard": 1}
+        tally.update(batch)
+    assert tally.totals == {"bad_image": 1, "missing_caption": 1, "bad_utf8": 1, "missing_image": 1, "bad_shard": 1}
 
 
 def test_val_path_disjoint_across_ranks_and_workers(tmp_path) -> None:
@@ -111,19 +174,19 @@ def test_val_path_disjoint_across_ranks_and_workers(tmp_path) -> None:
     for rank in range(2):
         ds = dm.build_val_dataset(rank=rank, world_size=2)
         for worker in range(2):
-            keys = keys_of(ds, ReaderInfo(rank, 2, worker, 2))
+            keys = keys_of(ds, WorldInfo(rank, 2, worker, 2))
             assert len({k.split("_")[0] for k in keys}) == 2  # two whole shards per reader
             seen += keys
     assert len(seen) == len(set(seen)) == 24
     # deterministic order
     ds = dm.build_val_dataset(rank=0, world_size=2)
-    assert keys_of(ds, ReaderInfo(0, 2, 1, 2)) == keys_of(ds, ReaderInfo(0, 2, 1, 2))
+    assert keys_of(ds, WorldInfo(0, 2, 1, 2)) == keys_of(ds, WorldInfo(0, 2, 1, 2))
 
 
 def test_resampled_order_depends_on_epoch_seed_reader(tmp_path) -> None:
     pattern = write_shards(tmp_path / "d", 8, 2)
     ds = module(train=pattern, samples_per_epoch=64).build_train_dataset(rank=0, world_size=2)
-    info = ReaderInfo(0, 2, 0, 2)
+    info = WorldInfo(0, 2, 0, 2)
 
     def order(d=ds, i=info, n=30):
         it = d.shard_stream(i)
@@ -134,7 +197,7 @@ def test_resampled_order_depends_on_epoch_seed_reader(tmp_path) -> None:
     ds.set_epoch(1)
     assert order() != first
     ds.set_epoch(0)
-    assert order(i=ReaderInfo(0, 2, 1, 2)) != first and order(i=ReaderInfo(1, 2, 0, 2)) != first
+    assert order(i=WorldInfo(0, 2, 1, 2)) != first and order(i=WorldInfo(1, 2, 0, 2)) != first
     other = module(train=pattern, samples_per_epoch=64, resume_count=1).build_train_dataset(rank=0, world_size=2)
     assert order(d=other) != first
     # length: ceil(64 / (4*2)) = 8 batches per rank, 4 per worker
@@ -153,14 +216,14 @@ def test_hopeless_spec_fails_loudly(tmp_path) -> None:
     ds = module(train=str(tmp_path / "nope{0..1}.tar"), samples_per_epoch=8).build_train_dataset()
     ds.max_consecutive_failures = 20
     with pytest.raises(RuntimeError, match="consecutive unreadable"):
-        next(ds.iter_reader(ReaderInfo()))
+        next(ds.iter_reader(WorldInfo()))
 
 
 def test_weighted_sources(tmp_path) -> None:
     a = write_shards(tmp_path / "a", 2, 1, prefix="a")
     b = write_shards(tmp_path / "b", 2, 1, prefix="b")
     ds = module(train=[{"urls": a, "weight": 3}, {"urls": b, "weight": 1}], samples_per_epoch=8).build_train_dataset()
-    it = ds.shard_stream(ReaderInfo())
+    it = ds.shard_stream(WorldInfo())
     draws = [next(it) for _ in range(4000)]
     frac_a = sum("/a/" in u for u in draws) / len(draws)
     assert 0.72 < frac_a < 0.78
@@ -169,7 +232,7 @@ def test_weighted_sources(tmp_path) -> None:
 def test_features_path(tmp_path) -> None:
     pattern = write_shards(tmp_path / "d", 1, 4, npy=True)
     ds = module(val=pattern, use_features=True).build_val_dataset()
-    (batch,) = list(ds.iter_reader(ReaderInfo()))
+    (batch,) = list(ds.iter_reader(WorldInfo()))
     assert batch["feature"].shape == (4, 8) and "image" not in batch
 
 
@@ -235,9 +298,8 @@ def test_instruction_module_batches(tmp_path) -> None:
 
 
 def test_demo_writer(tmp_path) -> None:
-    from datamodules.demo_data import (
-        caption_mentions_digit, digit_word, write_digit_instructions, write_digit_shards,
-    )
+    from ibllm.demos.digits.captions import caption_mentions_digit, digit_word
+    from ibllm.demos.digits.data import write_digit_instructions, write_digit_shards
 
     out = write_digit_shards(tmp_path / "digits", seed=0, shard_size=1000)
     assert out.n_train + out.n_heldout == 1797 and out.n_heldout == 360
