@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ibllm.cache import build_index, exact_knn, gpu_available, recall_at_k  # noqa: E402
+from ibllm.cache import gpu_available  # noqa: E402
+from ibllm.cache_build.index import build_index, exact_knn, recall_at_k  # noqa: E402
 
 
 def clustered(n: int, dim: int, seed: int, noise: float = 1.0, chunk: int = 100_000) -> np.ndarray:

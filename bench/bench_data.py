@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.captions import CaptionDecoder, CaptionShardDataset  # noqa: E402
 from datamodules.demo_data import write_digit_shards  # noqa: E402
-from datamodules.shards import ReaderInfo, parse_sources  # noqa: E402
+from datamodules.shards import parse_sources  # noqa: E402
 from ibllm.processing.image import load_image  # noqa: E402
 from ibllm.processing.samples import build_sample, collate  # noqa: E402
+from ibllm.processing.shards import WorldInfo  # noqa: E402
 from ibllm.processing.templates import caption_prompt  # noqa: E402
 
 WORDS = "a the photo of dog cat man woman street red blue small large standing near water tree car old".split()
@@ -93,7 +94,7 @@ def write_bench_shards(folder: Path, n: int) -> str:
 def rate(ds: CaptionShardDataset) -> float:
     """Samples/s of one reader over the whole (non-resampled) dataset."""
     t = time.perf_counter()
-    n = sum(len(b["tokens"]) for b in ds.iter_reader(ReaderInfo()))
+    n = sum(len(b["tokens"]) for b in ds.iter_reader(WorldInfo()))
     return n / (time.perf_counter() - t)
 
 

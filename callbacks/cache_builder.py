@@ -1,4 +1,4 @@
-"""Lightning callback: build the visual cache (SPEC §6.1) of an image set when training finishes.
+"""Lightning callback: build the visual cache (FAISS index of image embeddings) of an image set when training finishes.
 
 Every rank of the trainer encodes its share of the shards (``shards[global_rank::world_size]``) with
 the model's own frozen ImageBind vision tower (or, when the model was trained from precomputed features
@@ -14,7 +14,10 @@ from typing import Any
 
 import lightning as L
 
+from ibllm.build import build_encoder
 from ibllm.cache_build.distributor import build_cache_from_shards
+from ibllm.cache_build.mapper import ImageEmbedder, encoder_hash
+from ibllm.config import imagebind_preset
 
 
 class CacheBuilder(L.Callback):
@@ -26,8 +29,8 @@ class CacheBuilder(L.Callback):
         batch_size / workers / precision: encoding settings (as ``python -m ibllm cache``).
         dtype: storage dtype of the per-shard parts.
         overwrite: re-encode shards whose part exists.
-        index_options: passed to :func:`ibllm.cache.build_index` (``index_type``, ``memory_budget``,
-            ``recall_target``, ``values``, ...).
+        index_options: passed to :func:`ibllm.cache_build.index.build_index` (``index_type``,
+            ``memory_budget``, ``recall_target``, ``values``, ...).
     """
 
     def __init__(self, shards: Any, out_dir: str, batch_size: int = 64, workers: int = 4, precision: str = "fp32",
@@ -41,10 +44,6 @@ class CacheBuilder(L.Callback):
 
     def _factory(self, pl_module: L.LightningModule) -> Any:
         def factory() -> tuple[Any, dict[str, Any]]:
-            from ibllm.build import build_encoder
-            from ibllm.cache_build.mapper import ImageEmbedder, encoder_hash
-            from ibllm.config import imagebind_preset
-
             hp = pl_module.hparams
             preset = hp.get("imagebind", "huge")
             encoder = getattr(getattr(pl_module, "model", None), "image_bind", None)

@@ -22,38 +22,38 @@ Behaviour:
 * An input ``KEY.npy`` is replaced by the new one. Members of a sample stay adjacent and in order.
 * Each output shard is written to ``DIR/.NAME.partial`` and renamed into place when complete, so an
   existing ``DIR/NAME`` is always complete: reruns skip it (resumable; ``--overwrite`` redoes it).
-* Ranks: rank ``R`` of ``W`` takes ``shards[R::W]`` (``--rank/--world-size``, else ``RANK``/``WORLD_SIZE``,
-  else ``SLURM_PROCID``/``SLURM_NTASKS``, else 0/1). Ranks never touch the same output file.
+* Ranks: rank ``R`` of ``W`` takes ``shards[R::W]`` (``--rank/--world-size``, else the launcher's
+  variables: ``RANK``/``WORLD_SIZE``, ``SLURM_PROCID``/``SLURM_NTASKS``, or MPI's; else 0/1). Ranks never
+  touch the same output file.
 * An unreadable input shard is reported and skipped (no output); the command then ends with exit
   status 1 naming every failed shard, after finishing the others.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import logging
 import os
-import re
-import sys
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from ibllm.build import build_encoder
+from ibllm.config import imagebind_preset
+from ibllm.processing.image import load_image
+from ibllm.processing.shards import TarSample, expand_urls, rank_shards, read_tar_samples, shard_name, world_info
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 FEATURE_EXTENSION = "npy"
-# webdataset's sample grouping: the key is the member path up to the first dot of its basename.
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 @dataclass
@@ -69,72 +69,20 @@ class ShardReport:
     error: str = ""
 
 
-@dataclass
-class _Sample:
-    key: str | None
-    members: list[tuple[tarfile.TarInfo, bytes | None]]
-    image: tuple[str, bytes] | None = None  # (member name, bytes) of the first image member
-
-
-def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """Rank and world size: explicit values, else ``RANK``/``WORLD_SIZE``, else ``SLURM_PROCID``/``SLURM_NTASKS``, else (0, 1)."""
-    env = os.environ
-    if rank is None:
-        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    if world_size is None:
-        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"invalid rank {rank} for world size {world_size}")
-    return rank, world_size
-
-
-def rank_shards(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """The shards rank ``rank`` of ``world_size`` processes: ``shards[rank::world_size]``."""
-    return list(shards)[rank::world_size]
-
-
 def output_path(shard: str, out_dir: str | Path) -> Path:
     """Where the feature shard of input ``shard`` goes: ``out_dir / basename(shard)``."""
-    return Path(out_dir) / os.path.basename(shard.rstrip("/").split("::")[-1])
+    return Path(out_dir) / shard_name(shard)
 
 
-def _open_shard(shard: str) -> BinaryIO:
-    if os.path.exists(shard) or "://" not in shard and not shard.startswith("pipe:"):
-        return open(shard, "rb")  # a missing local file raises FileNotFoundError naming it
-    import webdataset as wds
-
-    return wds.gopen(shard, "rb")
-
-
-def _read_samples(stream: BinaryIO) -> Iterator[_Sample]:
-    """Group the members of a tar stream into samples (consecutive members sharing a key)."""
-    current: _Sample | None = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            data = tar.extractfile(info).read() if info.isfile() else None
-            match = _KEY_RE.match(info.name) if info.isfile() else None
-            key = match.group(1) if match else None
-            if current is None or key is None or key != current.key:
-                if current is not None:
-                    yield current
-                current = _Sample(key, [])
-            current.members.append((info, data))
-            if match and current.image is None and match.group(2).lower() in IMAGE_EXTENSIONS:
-                current.image = (info.name, data)
-    if current is not None:
-        yield current
-
-
-def _decode(sample: _Sample, image_size: int) -> torch.Tensor | tuple[str, str]:
+def _decode(sample: TarSample, image_size: int) -> torch.Tensor | tuple[str, str]:
     """The eval-transformed image ``[3,S,S]``, or ``(skip reason, detail)`` (``missing_image``, ``bad_image``)."""
-    from ibllm.processing.image import load_image
-
-    if sample.image is None:
+    image = sample.image()
+    if image is None:
         return "missing_image", str(sample.key)
     try:
-        return load_image(sample.image[1], train=False, size=image_size)
+        return load_image(image[1], train=False, size=image_size)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
-        return "bad_image", f"{sample.image[0]}: {e}"
+        return "bad_image", f"{image[0]}: {e}"
 
 
 def _npy_bytes(feature: np.ndarray) -> bytes:
@@ -180,17 +128,19 @@ class FeatureWriter:
             out = self.encoder({"vision": images.to(self.device)})["vision"]
         return out.float().cpu().numpy()
 
-    def _batches(self, samples: Iterator[_Sample]) -> Iterator[list[_Sample]]:
-        batch: list[_Sample] = []
+    def _batches(self, samples: Iterator[TarSample]) -> Iterator[list[TarSample]]:
+        batch: list[TarSample] = []
+        images = 0
         for sample in samples:
             batch.append(sample)
-            if sum(s.image is not None for s in batch) >= self.batch_size:
+            images += sample.image() is not None
+            if images >= self.batch_size:
                 yield batch
-                batch = []
+                batch, images = [], 0
         if batch:
             yield batch
 
-    def _features(self, batch: list[_Sample], report: ShardReport) -> list[np.ndarray | None]:
+    def _features(self, batch: list[TarSample], report: ShardReport) -> list[np.ndarray | None]:
         decode = lambda s: _decode(s, self.image_size)  # noqa: E731
         decoded = list(self.pool.map(decode, batch) if self.pool else map(decode, batch))
         good = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
@@ -206,16 +156,15 @@ class FeatureWriter:
                 out[i] = f.astype(self.dtype)
         return out
 
-    def iter_features(self, shard: str, report: ShardReport, progress: Any = None) -> Iterator[tuple[_Sample, np.ndarray | None]]:
+    def iter_features(self, shard: str, report: ShardReport, progress: Any = None) -> Iterator[tuple[TarSample, np.ndarray | None]]:
         """Every sample of ``shard`` with its embedding (None when skipped), encoded in batches; counts into ``report``."""
-        with _open_shard(shard) as stream:
-            for batch in self._batches(_read_samples(stream)):
-                for sample, feature in zip(batch, self._features(batch, report)):
-                    report.samples += sample.key is not None
-                    report.encoded += feature is not None
-                    yield sample, feature
-                if progress is not None:
-                    progress.update(len(batch))
+        for batch in self._batches(read_tar_samples(shard)):
+            for sample, feature in zip(batch, self._features(batch, report)):
+                report.samples += sample.key is not None
+                report.encoded += feature is not None
+                yield sample, feature
+            if progress is not None:
+                progress.update(len(batch))
 
     def write_shard(self, shard: str, dest: str | Path, progress: Any = None) -> ShardReport:
         """Encode every image of ``shard`` and write ``dest`` atomically (``.NAME.partial`` + rename)."""
@@ -237,7 +186,7 @@ class FeatureWriter:
         return report
 
     @staticmethod
-    def _write_sample(out: tarfile.TarFile, sample: _Sample, feature: np.ndarray | None) -> None:
+    def _write_sample(out: tarfile.TarFile, sample: TarSample, feature: np.ndarray | None) -> None:
         npy_name = f"{sample.key}.{FEATURE_EXTENSION}"
         mtime = 0
         for info, data in sample.members:
@@ -264,16 +213,11 @@ def extract_features(shards: Any, out_dir: str | Path, imagebind: str = "huge", 
                      show_progress: bool = True) -> list[ShardReport]:
     """Write feature shards for this rank's share of ``shards`` into ``out_dir``; returns one report per shard.
 
-    ``shards``: anything :func:`datamodules.shards.expand_urls` takes (brace pattern, folder of ``*.tar``,
-    list file, list). The encoder is the ImageBind ``imagebind`` preset's vision tower with
+    ``shards``: anything :func:`ibllm.processing.shards.expand_urls` takes (brace pattern, glob, folder of
+    ``*.tar``, list file, list). The encoder is the ImageBind ``imagebind`` preset's vision tower with
     ``imagebind_weights`` (random frozen weights seeded by ``seed`` when None: tests and benchmarks only).
+    ``rank`` / ``world_size`` default to :func:`ibllm.processing.shards.world_info`.
     """
-    from tqdm import tqdm
-
-    from datamodules.shards import expand_urls
-    from ibllm.build import build_encoder
-    from ibllm.config import imagebind_preset
-
     urls = expand_urls(shards)
     if not urls:
         raise ValueError(f"no shards match {shards!r}")
@@ -287,7 +231,8 @@ def extract_features(shards: Any, out_dir: str | Path, imagebind: str = "huge", 
         if os.path.exists(url) and dest.resolve() == Path(url).resolve():
             raise ValueError(f"--out {out_dir} would overwrite the input shard {url}; choose another folder")
         names[dest] = url
-    rank, world_size = resolve_rank(rank, world_size)
+    who = world_info(rank, world_size, 0, 1)
+    rank, world_size = who.rank, who.world_size
     mine = rank_shards(urls, rank, world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [u for u in mine if overwrite or not output_path(u, out_dir).exists()]
@@ -330,46 +275,3 @@ def summarize(reports: Sequence[ShardReport]) -> dict[str, Any]:
             "shards_failed": [f"{r.shard}: {r.error}" for r in reports if r.status == "failed"],
             "samples": sum(r.samples for r in reports), "encoded": sum(r.encoded for r in reports),
             "skipped": skipped, "seconds": round(sum(r.seconds for r in reports), 3)}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m ibllm features``."""
-    p = argparse.ArgumentParser(prog="python -m ibllm features", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help="input shards: brace pattern, folder of *.tar, or list file")
-    p.add_argument("--out", required=True, help="output folder (one shard per input shard, same name)")
-    p.add_argument("--imagebind", default="huge", help="ImageBind preset of the frozen encoder (default: %(default)s)")
-    p.add_argument("--imagebind-weights", default=None,
-                   help="encoder weights (imagebind_huge.pth layout); omitted = random frozen towers (tests only)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: %(default)s)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: RANK / SLURM_PROCID / 0)")
-    p.add_argument("--world-size", type=int, default=None,
-                   help="number of processes (default: WORLD_SIZE / SLURM_NTASKS / 1)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="storage dtype of KEY.npy (default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="encoder compute precision; bf16 autocast is faster on GPU (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="redo shards whose output already exists")
-    p.add_argument("--seed", type=int, default=0, help="seed of random encoder weights (no --imagebind-weights)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m ibllm features``: prints a JSON summary; exits 1 when a shard could not be read."""
-    args = build_parser().parse_args(argv)
-    if args.imagebind_weights is None:
-        print("warning: no --imagebind-weights: encoding with RANDOM frozen ImageBind towers", file=sys.stderr)
-    try:
-        reports = extract_features(args.shards, args.out, args.imagebind, args.imagebind_weights, args.batch_size,
-                                   args.device, args.rank, args.world_size, args.dtype, args.precision,
-                                   args.workers, args.overwrite, args.seed, not args.no_progress)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise SystemExit(f"features: {e}") from None
-    summary = summarize(reports)
-    print(json.dumps(summary, indent=2))
-    if summary["shards_failed"]:
-        raise SystemExit("features: unreadable shards (no output written):\n  " + "\n  ".join(summary["shards_failed"]))
-    return summary

@@ -1,4 +1,4 @@
-"""The visual cache: SPEC §6.1 enhancement, index choice / recall, loading, errors, building from shards."""
+"""The visual cache: enhancement of queries, index choice / recall, loading, errors, building from shards."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from ibllm.cache import (CacheError, VisualCache, build_index, choose_index, exact_knn, load_cache,
-                         recall_at_k)
+from callbacks.cache_builder import CacheBuilder
+from ibllm.build import build_model
+from ibllm.cache import CacheError, VisualCache, load_cache
+from ibllm.cache_build.index import build_index, choose_index, exact_knn, recall_at_k
+from ibllm.cache_build.mapper import ImageEmbedder
+from ibllm.cli import main as cli_main
+from ibllm.cli.cache import main as cache_main
 from ibllm.checkpoints import save_atomic
 from ibllm.models.imagebind import build_imagebind
 from ibllm.processing.image import load_image
@@ -43,7 +48,8 @@ def clustered(n: int, dim: int, clusters: int, seed: int = 0, spread: float = 0.
 
 
 def reference_enhance(v: np.ndarray, db: np.ndarray, k: int, t: float, w: float) -> np.ndarray:
-    """SPEC §6.1 step 4 written out row by row, with brute-force search."""
+    """The cache enhancement written out row by row, with brute-force search: softmax(t * top-k scores)
+    weights the neighbours, their normalised average is blended with weight w, and the result renormalised."""
     out = []
     for row in v.astype(np.float64):
         s = db.astype(np.float64) @ row
@@ -260,10 +266,6 @@ def shards(tmp_path_factory) -> dict:
 
 
 def test_command_builds_over_two_ranks_and_the_model_uses_it(shards, monkeypatch, capsys):
-    from ibllm.build import build_model
-    from ibllm.cache_build.mapper import ImageEmbedder
-    from ibllm.cli import main as cli_main
-
     encoded: list[str] = []
     original = ImageEmbedder.embed_shard
     monkeypatch.setattr(ImageEmbedder, "embed_shard", lambda self, url, progress=None: (
@@ -300,18 +302,13 @@ def test_command_builds_over_two_ranks_and_the_model_uses_it(shards, monkeypatch
 
 
 def test_rank0_waits_for_missing_ranks(shards, tmp_path):
-    from ibllm.cache_build.command import main
-
     with pytest.raises(SystemExit, match="ranks \\[1\\] of 2 did not finish"):
-        main(["--shards", shards["pattern"], "--out", str(tmp_path / "c"), "--imagebind", "tiny",
+        cache_main(["--shards", shards["pattern"], "--out", str(tmp_path / "c"), "--imagebind", "tiny",
               "--imagebind-weights", shards["weights"], "--device", "cpu", "--rank", "0", "--world-size", "2",
               "--no-progress", "--wait-timeout", "0"])
 
 
 def test_callback_builds_across_trainer_ranks(shards, tmp_path):
-    from callbacks.cache_builder import CacheBuilder
-    from ibllm.build import build_model
-
     model = build_model("tiny", "pretrain", "tiny", shards["weights"])
     module = SimpleNamespace(hparams={"imagebind": "tiny", "imagebind_weights": shards["weights"]},
                              model=model, device=torch.device("cpu"))

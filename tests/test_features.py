@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from datamodules import WebDatasetCaptions
 from ibllm.checkpoints import save_atomic
 from ibllm.cli import main
-from ibllm.features import main as features_main
-from ibllm.features import rank_shards, resolve_rank
+from ibllm.cli.features import main as features_main
 from ibllm.lit import PretrainModule
 from ibllm.models.imagebind import build_imagebind
 from ibllm.processing.image import load_image
+from ibllm.processing.shards import rank_shards, world_info
 
 COLORS = ["red", "green", "blue", "yellow"]
 PER_SHARD = 5
@@ -105,7 +105,7 @@ def test_ranks_split_shards_disjointly(data, tmp_path, monkeypatch):
     run_features(data, tmp_path / "r0", "--rank", "0", "--world-size", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert resolve_rank() == (1, 2)
+    assert (world_info().rank, world_info().world_size) == (1, 2)
     run_features(data, tmp_path / "r1", "--dtype", "float16")  # rank from the environment
     r0, r1 = {p.name for p in (tmp_path / "r0").iterdir()}, {p.name for p in (tmp_path / "r1").iterdir()}
     assert r0 == {"000000.tar"} and r1 == {"000001.tar"}

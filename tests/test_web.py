@@ -32,7 +32,7 @@ def tiny(tmp_path_factory, sp_model):
 @pytest.fixture(scope="module")
 def cache_dir(tiny) -> Path:
     """A small visual cache (40 random unit vectors of the tiny encoder's width)."""
-    from ibllm.cache import build_index
+    from ibllm.cache_build.index import build_index
 
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((40, 32)).astype("float32")

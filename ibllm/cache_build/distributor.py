@@ -10,16 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from ibllm.cache import ADD_CHUNK, build_index
-from ibllm.cache_build.mapper import ImageEmbedder
-from ibllm.cache_build.reader import shard_name, shard_share
+from ibllm.cache_build.index import ADD_CHUNK, build_index
+from ibllm.cache_build.mapper import EmbedderFactory
+from ibllm.cache_build.reader import shard_share
 from ibllm.cache_build.writer import marker_path, part_info, parts_dir, read_part, write_marker, write_part
+from ibllm.processing.shards import shard_name
 
 log = logging.getLogger(__name__)
-
-# (embedder, embedding-model description with "sha256") built only when a shard must be encoded.
-EmbedderFactory = Callable[[], tuple[ImageEmbedder, dict[str, Any]]]
 
 
 def wait_for_ranks(out: str | Path, world_size: int, timeout: float, poll: float = 2.0) -> None:
@@ -39,8 +38,6 @@ def wait_for_ranks(out: str | Path, world_size: int, timeout: float, poll: float
 def encode_share(urls: list[str], out: str | Path, factory: EmbedderFactory, model_sha256: str | None,
                  dtype: str = "float32", overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Write a part for every shard in ``urls`` (reusing complete parts of the same encoder); returns totals."""
-    from tqdm import tqdm
-
     embedder, model, counts = None, {"sha256": model_sha256} if model_sha256 else None, \
         {"shards_encoded": 0, "shards_reused": 0, "samples": 0, "encoded": 0, "skipped": {}}
     bar = tqdm(urls, unit="shard", desc="cache: encoding", disable=not show_progress)
@@ -116,7 +113,7 @@ def build_cache_from_shards(shards: Any, out: str | Path, factory: EmbedderFacto
     ranks are independent processes: each writes a marker and rank 0 polls for all markers
     (``wait_timeout`` seconds). ``model_sha256`` (when known) lets complete parts of the same encoder be
     reused without building it. ``model`` adds fields to the embedding-model description in
-    ``cache.json``; ``index_options`` go to :func:`ibllm.cache.build_index`. Returns a summary.
+    ``cache.json``; ``index_options`` go to :func:`ibllm.cache_build.index.build_index`. Returns a summary.
     """
     out = Path(out)
     urls, mine = shard_share(shards, rank, world_size)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from ibllm.cache_build.reader import shard_name
+from ibllm.build import build_encoder
+from ibllm.config import imagebind_preset
 from ibllm.features import FeatureWriter, ShardReport
+from ibllm.processing.shards import shard_name
 
 
 def encoder_hash(encoder: torch.nn.Module, branch: str = "vision") -> str:
@@ -52,3 +55,23 @@ class ImageEmbedder:
     def close(self) -> None:
         """Stop the decode threads."""
         self.writer.close()
+
+
+# (embedder, embedding-model description with "sha256") built only when a shard must be encoded.
+EmbedderFactory = Callable[[], tuple[ImageEmbedder, dict[str, Any]]]
+
+
+def make_factory(preset: str, weights: str | None, batch_size: int, device: str | None, precision: str,
+                 workers: int, seed: int = 0) -> EmbedderFactory:
+    """An embedder factory building the ``preset`` vision tower with ``weights`` (random, seeded by ``seed``,
+    when None) on first use; ``device`` None = CUDA when available."""
+
+    def factory() -> tuple[ImageEmbedder, dict[str, Any]]:
+        cfg = imagebind_preset(preset)
+        torch.manual_seed(seed)
+        encoder = build_encoder(cfg, weights, ("vision",))
+        model = {"preset": preset, "weights": weights, "sha256": encoder_hash(encoder)}
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return ImageEmbedder(encoder, cfg.image_size, batch_size, dev, precision, workers), model
+
+    return factory

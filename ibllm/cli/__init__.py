@@ -24,8 +24,8 @@ DELEGATED_COMMANDS = {
     "generate": ("ibllm.cli.generate", "one-shot generation for scripts (--json)"),
     "export": ("ibllm.cli.export", "export/import adapters: --format official|safetensors|merged"),
     "consolidate": ("ibllm.cli.consolidate", "sharded (FSDP2) checkpoint folder -> trainable-only file: CKPT_DIR --out FILE"),
-    "features": ("ibllm.features", "precompute stage-1 image embeddings (KEY.npy) into copies of caption shards"),
-    "cache": ("ibllm.cache_build.command", "build the visual cache (FAISS index of image embeddings) from shards, over ranks"),
+    "features": ("ibllm.cli.features", "precompute stage-1 image embeddings (KEY.npy) into copies of caption shards"),
+    "cache": ("ibllm.cli.cache", "build the visual cache (FAISS index of image embeddings) from shards, over ranks"),
     "serve": ("ibllm.web", "browser demo (gradio, 127.0.0.1): uploads with weights, cache, streaming multi-turn chat"),
     "crossmodal": ("ibllm.crossmodal", "demo cross-modal transfer: bind a spoken-digit audio tower, caption image/text/audio x cache"),
 }

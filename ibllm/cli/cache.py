@@ -1,10 +1,10 @@
 """``python -m ibllm cache``: build the visual cache (FAISS index of ImageBind image embeddings) from shards.
 
 Each rank encodes its share of the shards (``shards[rank::world_size]``; ``--rank/--world-size``, else
-``RANK``/``WORLD_SIZE``, else ``SLURM_PROCID``/``SLURM_NTASKS``) with the frozen vision tower (eval
+the launcher's ``RANK``/``WORLD_SIZE``, ``SLURM_PROCID``/``SLURM_NTASKS`` or MPI's) with the frozen vision tower (eval
 transform) and writes one part per shard under ``OUT/parts``; rank 0 then waits for every rank
 (``torch.distributed`` barrier when initialised, else it polls for the ranks' markers), merges the
-parts in shard order and builds one index (:func:`ibllm.cache.build_index`): ``OUT/knn.index``,
+parts in shard order and builds one index (:func:`ibllm.cache_build.index.build_index`): ``OUT/knn.index``,
 ``ids.txt``, ``values.npy`` when the index cannot reconstruct exactly, and ``cache.json``. Complete parts
 are reused on reruns (resumable); ``--overwrite`` re-encodes.
 
@@ -22,6 +22,11 @@ from typing import Any
 
 import torch
 
+from ibllm.cache import CacheError
+from ibllm.cache_build.distributor import build_cache_from_shards
+from ibllm.cache_build.mapper import make_factory
+from ibllm.processing.shards import world_info
+
 
 def parse_bytes(text: str | None) -> int | None:
     """``"8G"`` / ``"512M"`` / ``"1000000"`` -> bytes (None stays None)."""
@@ -31,25 +36,6 @@ def parse_bytes(text: str | None) -> int | None:
     if not m:
         raise ValueError(f"cannot read a memory size from {text!r} (e.g. 8G, 512M)")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
-
-
-def make_factory(preset: str, weights: str | None, batch_size: int, device: str | None, precision: str,
-                 workers: int, seed: int = 0) -> Any:
-    """An embedder factory building the ``preset`` vision tower with ``weights`` (random when None) on first use."""
-
-    def factory() -> tuple[Any, dict[str, Any]]:
-        from ibllm.build import build_encoder
-        from ibllm.cache_build.mapper import ImageEmbedder, encoder_hash
-        from ibllm.config import imagebind_preset
-
-        cfg = imagebind_preset(preset)
-        torch.manual_seed(seed)
-        encoder = build_encoder(cfg, weights, ("vision",))
-        model = {"preset": preset, "weights": weights, "sha256": encoder_hash(encoder)}
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return ImageEmbedder(encoder, cfg.image_size, batch_size, dev, precision, workers), model
-
-    return factory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the command; prints a JSON summary (rank 0's includes the index metadata)."""
-    from ibllm.cache import CacheError
-    from ibllm.cache_build.distributor import build_cache_from_shards
-    from ibllm.features import resolve_rank
-
     args = build_parser().parse_args(argv)
     if args.imagebind_weights is None:
         print("warning: no --imagebind-weights: encoding with RANDOM frozen ImageBind towers", file=sys.stderr)
@@ -95,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         barrier = torch.distributed.barrier
     try:
-        rank, world_size = resolve_rank(args.rank, args.world_size)
+        who = world_info(args.rank, args.world_size, 0, 1)
+        rank, world_size = who.rank, who.world_size
         factory = make_factory(args.imagebind, args.imagebind_weights, args.batch_size, args.device,
                                args.precision, args.workers, args.seed)
         summary = build_cache_from_shards(
