@@ -1,7 +1,20 @@
-"""Audio front end of ImageBind (SPEC §5.3) in plain torch: sinc resampler, Kaldi fbank, clip sampler.
+"""Audio front end of ImageBind in plain torch: sinc resampler, Kaldi fbank, clip sampler.
 
 Both DSP functions are written from their documented algorithms and match the reference front end
 (``tests/data/audio_frontend_reference.npz``): fbank within 1e-4, resampling within 1e-5.
+
+Bounds on the work per file (module constants a caller may change; ``None`` switches one off). They are
+checked on the header (``soundfile.info`` / the PyAV stream) before decoding, and again while decoding:
+
+- :data:`MAX_AUDIO_SECONDS` (600) and :data:`MAX_AUDIO_SAMPLES` (2**26 samples over all channels, 256 MB
+  as float32): longer files are refused (the clips are spread over the whole file, so all of it is read).
+- :data:`MAX_AUDIO_CHANNELS` (2): only the first channel is encoded, so a file with more channels (5.1,
+  8-channel array recordings) is refused rather than silently reduced to its first channel.
+- :data:`MIN_SAMPLE_RATE` / :data:`MAX_SAMPLE_RATE` (4 kHz / 384 kHz): rates outside are not audio the
+  encoder can use (a 1 Hz "wav" is refused).
+- :data:`MAX_RESAMPLE_FILTER` (2**22 coefficients): the polyphase resampler's filter has ``new * (orig +
+  2 * width)`` coefficients for the rates divided by their gcd, so an odd rate such as 44101 Hz -> 16 kHz
+  would need 700 million; such rates are refused (all standard rates need fewer than 300 thousand).
 """
 
 from __future__ import annotations
@@ -15,17 +28,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import MediaError, open_source
+from .errors import MediaError, check_limit, open_source
 from .video import clip_timepoints
 
 FBANK_MEAN = -4.268
 FBANK_STD = 9.138
+MAX_AUDIO_SECONDS: float | None = 600.0
+"""Longest accepted audio, in seconds."""
+MAX_AUDIO_SAMPLES: int | None = 2**26
+"""Most samples (frames x channels) decoded from one file."""
+MAX_AUDIO_CHANNELS: int | None = 2
+"""Most channels accepted (only the first one is encoded)."""
+MIN_SAMPLE_RATE: int | None = 4000
+"""Lowest accepted sample rate in Hz."""
+MAX_SAMPLE_RATE: int | None = 384000
+"""Highest accepted sample rate in Hz."""
+MAX_RESAMPLE_FILTER: int | None = 2**22
+"""Most coefficients of the resampling filter from the file's rate to the model's."""
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".m4a", ".aac",
                     ".opus", ".mp4", ".webm", ".mkv", ".mov", ".avi", ".wma")
 
 
 # --------------------------------------------------------------------------- resampling
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=8)
 def _sinc_kernel(orig: int, new: int, lowpass_filter_width: int, rolloff: float) -> tuple[Tensor, int]:
     """Polyphase Hann-windowed sinc filter bank ``[new, 2*width + orig]`` (float64) and ``width``."""
     base_freq = min(orig, new) * rolloff
@@ -64,6 +89,16 @@ def resample(
     y = y.transpose(1, 2).reshape(x.shape[0], -1)
     target = math.ceil(new * length / orig)
     return y[:, :target].reshape(*shape[:-1], target)
+
+
+def resample_filter_size(orig_sr: int, new_sr: int, lowpass_filter_width: int = 6, rolloff: float = 0.99) -> int:
+    """Number of coefficients of :func:`resample`'s filter from ``orig_sr`` to ``new_sr`` (0 when equal)."""
+    if orig_sr == new_sr:
+        return 0
+    g = math.gcd(int(orig_sr), int(new_sr))
+    orig, new = int(orig_sr) // g, int(new_sr) // g
+    width = math.ceil(lowpass_filter_width * orig / (min(orig, new) * rolloff))
+    return new * (2 * width + orig)
 
 
 # --------------------------------------------------------------------------- Kaldi fbank
@@ -144,7 +179,7 @@ def kaldi_fbank(
     use_log_fbank: bool = True,
     channel: int = 0,
 ) -> Tensor:
-    """Kaldi-compatible log mel filterbank (SPEC §5.3 settings) -> ``[frames, num_mel_bins]`` float32.
+    """Kaldi-compatible log mel filterbank (ImageBind's settings) -> ``[frames, num_mel_bins]`` float32.
 
     ``wave`` is ``[N]`` or ``[channels, N]`` (then only ``channel`` is used, default 0 like the reference).
     Settings fixed to ImageBind's: hanning window, no dither, no energy (``htk_compat`` is then a no-op),
@@ -177,38 +212,109 @@ def _fbank_batch(waves: Tensor, num_mel_bins: int = 128, sample_frequency: float
 
 
 # --------------------------------------------------------------------------- decoding
-def _decode_soundfile(src) -> tuple[np.ndarray, int]:
+_LIMIT = "ibllm.processing.audio."
+
+
+def check_audio_stream(source: object, rate: int, channels: int, frames: int | None = None,
+                       target_rate: int | None = None) -> None:
+    """Refuse audio whose rate, channel count, length (``frames`` per channel, when known) or resampling
+    filter to ``target_rate`` is over this module's limits, with a :class:`MediaError` naming the file."""
+    def refuse(reason: str) -> None:
+        raise MediaError("audio", source, reason)
+
+    if rate <= 0:
+        refuse(f"invalid sample rate {rate} Hz")
+    if MIN_SAMPLE_RATE is not None and rate < MIN_SAMPLE_RATE:
+        refuse(f"sample rate {rate} Hz is below the minimum of {MIN_SAMPLE_RATE} Hz ({_LIMIT}MIN_SAMPLE_RATE)")
+    if MAX_SAMPLE_RATE is not None and rate > MAX_SAMPLE_RATE:
+        refuse(f"sample rate {rate} Hz is over the maximum of {MAX_SAMPLE_RATE} Hz ({_LIMIT}MAX_SAMPLE_RATE)")
+    if MAX_AUDIO_CHANNELS is not None and channels > MAX_AUDIO_CHANNELS:
+        refuse(f"{channels} channels: at most {MAX_AUDIO_CHANNELS} are accepted because only the first one is "
+               f"encoded; mix it down to mono first ({_LIMIT}MAX_AUDIO_CHANNELS)")
+    if target_rate is not None and MAX_RESAMPLE_FILTER is not None:
+        size = resample_filter_size(rate, target_rate)
+        if size > MAX_RESAMPLE_FILTER:
+            refuse(f"sample rate {rate} Hz needs a resampling filter of {size:,} coefficients to reach "
+                   f"{target_rate} Hz, over the limit of {MAX_RESAMPLE_FILTER:,} ({_LIMIT}MAX_RESAMPLE_FILTER); "
+                   f"convert it to a standard rate first")
+    if frames is not None:
+        check_length(source, frames, rate, channels)
+
+
+def max_frames(rate: int, channels: int) -> int | None:
+    """Most frames (samples per channel) the limits allow at ``rate`` with ``channels``; ``None``: no limit."""
+    caps = []
+    if MAX_AUDIO_SECONDS is not None:
+        caps.append(int(MAX_AUDIO_SECONDS * rate))
+    if MAX_AUDIO_SAMPLES is not None:
+        caps.append(MAX_AUDIO_SAMPLES // max(channels, 1))
+    return min(caps) if caps else None
+
+
+def check_length(source: object, frames: int, rate: int, channels: int) -> None:
+    """Refuse audio of ``frames`` samples per channel over :data:`MAX_AUDIO_SECONDS` / :data:`MAX_AUDIO_SAMPLES`."""
+    check_limit("audio", source, "sample count (frames x channels)", frames * channels, MAX_AUDIO_SAMPLES,
+                _LIMIT + "MAX_AUDIO_SAMPLES")
+    if MAX_AUDIO_SECONDS is not None and frames > MAX_AUDIO_SECONDS * rate:
+        raise MediaError("audio", source, f"duration {frames / rate:,.1f} s is over the limit of "
+                                          f"{MAX_AUDIO_SECONDS:g} s ({_LIMIT}MAX_AUDIO_SECONDS)")
+
+
+def _decode_soundfile(src, source, target_rate: int | None) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
-    data, sr = sf.read(src, dtype="float32", always_2d=True)  # [N, C], ints scaled to [-1, 1)
+    info = sf.info(src)  # the header only
+    check_audio_stream(source, int(info.samplerate), int(info.channels), int(info.frames), target_rate)
+    cap = max_frames(int(info.samplerate), int(info.channels))
+    if hasattr(src, "seek"):
+        src.seek(0)
+    data, sr = sf.read(src, frames=-1 if cap is None else cap + 1, dtype="float32",
+                       always_2d=True)  # [N, C], ints scaled to [-1, 1)
+    check_length(source, data.shape[0], int(sr), data.shape[1])
     return data.T, int(sr)
 
 
-def _decode_pyav(src) -> tuple[np.ndarray, int]:
+def _decode_pyav(src, source, target_rate: int | None) -> tuple[np.ndarray, int]:
     import av
 
     with av.open(src if not isinstance(src, Path) else str(src)) as container:
         if not container.streams.audio:
             raise ValueError("no audio stream")
         stream = container.streams.audio[0]
+        sr = int(stream.codec_context.sample_rate or stream.rate or 0)
+        channels = int(stream.codec_context.channels or 0)
+        if stream.duration is not None and stream.time_base is not None:
+            declared = int(stream.duration * stream.time_base * sr)
+        elif container.duration is not None:
+            declared = int(container.duration * sr / 1_000_000)
+        else:
+            declared = None
+        check_audio_stream(source, sr, channels, declared, target_rate)
+        cap = max_frames(sr, channels)
         resampler = av.AudioResampler(format="fltp", layout=None, rate=None)
-        chunks = []
+        chunks, total = [], 0
         for frame in container.decode(stream):
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray())
+                total += chunks[-1].shape[-1]
+            if cap is not None and total > cap:  # the header understated the length
+                check_length(source, total, sr, channels)
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray())
-        sr = stream.codec_context.sample_rate or stream.rate
     if not chunks:
         raise ValueError("audio stream has no samples")
-    return np.concatenate(chunks, axis=1).astype(np.float32), int(sr)
+    data = np.concatenate(chunks, axis=1).astype(np.float32)
+    check_audio_stream(source, sr, data.shape[0], data.shape[1], target_rate)
+    return data, sr
 
 
-def read_audio(source: str | Path | bytes) -> tuple[Tensor, int]:
+def read_audio(source: str | Path | bytes, target_rate: int | None = None) -> tuple[Tensor, int]:
     """Decode an audio file (or bytes) -> (float32 waveform ``[channels, samples]`` in [-1,1], rate).
 
     libsndfile (via ``soundfile``) reads WAV/FLAC/OGG/MP3/AIFF; anything else (AAC, M4A, the audio track of
-    a video) is decoded with PyAV. Missing file / undecodable data -> :class:`MediaError`.
+    a video) is decoded with PyAV. Missing file / undecodable data -> :class:`MediaError`, and so is a file
+    over this module's limits (checked on the header first); ``target_rate`` (the rate the caller will
+    resample to) adds the resampling-filter check.
     """
     src = open_source(source, "audio", AUDIO_EXTENSIONS if not isinstance(source, (bytes, bytearray)) else None)
     errors = []
@@ -216,8 +322,10 @@ def read_audio(source: str | Path | bytes) -> tuple[Tensor, int]:
         try:
             if hasattr(src, "seek"):
                 src.seek(0)
-            data, sr = decoder(src)
+            data, sr = decoder(src, source, target_rate)
             break
+        except MediaError:
+            raise
         except Exception as e:  # noqa: BLE001 - any decoder failure falls through to the next decoder
             errors.append(f"{decoder.__name__.removeprefix('_decode_')}: {e}")
     else:
@@ -239,10 +347,11 @@ def waveform_to_clips(
 ) -> Tensor:
     """Waveform ``[channels, samples]`` at ``sample_rate`` -> normalised clips ``[clips, 1, bins, target_length]``.
 
-    Clip ``k`` is ``wave[:, int(start*sr):int(end*sr)]`` with SPEC §5.2's constant-clips-per-video
-    times. Each clip has its *own* mean (over all channels and samples) subtracted, computed on an
-    unmodified copy — the official code subtracts in place on views of one waveform, so overlapping clips
-    lose their mean repeatedly (defect D16). Per-frame DC removal in the fbank makes this difference tiny.
+    Clip ``k`` is ``wave[:, int(start*sr):int(end*sr)]`` with the constant-clips-per-video times of
+    :func:`~ibllm.processing.video.clip_timepoints`. Each clip has its *own* mean (over all channels and
+    samples) subtracted, computed on an unmodified copy — the official code subtracts in place on views of
+    one waveform, so overlapping clips lose their mean repeatedly. Per-frame DC removal in the fbank makes
+    this difference tiny.
     Then channel 0 -> fbank -> ``[bins, frames]`` -> zero pad / crop to ``target_length`` ->
     ``(x + 4.268) / 9.138``. Silent or too-short clips (< 400 samples) give finite features.
     """
@@ -274,14 +383,15 @@ def load_audio(
     sample_rate: int = 16000,
     num_mel_bins: int = 128,
 ) -> Tensor:
-    """ImageBind audio preprocessing (SPEC §5.3): file/bytes -> ``[clips_per_video, 1, 128, target_length]``.
+    """ImageBind audio preprocessing: file/bytes -> ``[clips_per_video, 1, 128, target_length]``.
 
     Decode (float in [-1,1], all channels), resample to ``sample_rate`` with :func:`resample`, then
-    :func:`waveform_to_clips`. Defaults give ``[3,1,128,204]``; a 2 s clip has 198 fbank frames.
-    Silence gives finite features (``log(eps)``); audio shorter than one 25 ms window gives only padding;
-    a file with no samples at all raises :class:`MediaError`.
+    :func:`waveform_to_clips` (which encodes the first channel). Defaults give ``[3,1,128,204]``; a 2 s clip
+    has 198 fbank frames. Silence gives finite features (``log(eps)``); audio shorter than one 25 ms window
+    gives only padding; a file with no samples at all, or one over this module's limits (length, channels,
+    sample rate), raises :class:`MediaError`.
     """
-    wave, sr = read_audio(source)
+    wave, sr = read_audio(source, target_rate=sample_rate)
     if wave.shape[-1] == 0:
         raise MediaError("audio", source, "audio has no samples")
     if sr != sample_rate:

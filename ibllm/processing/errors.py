@@ -1,9 +1,17 @@
-"""The one error type of the media loaders."""
+"""The one error type of the media loaders, and the input-size checks they share.
+
+Every loader bounds the work one input can cause (pixels, samples, frames, points, bytes read) with
+limits that are module-level constants of its own module (``ibllm.processing.image.MAX_IMAGE_PIXELS``
+and so on); an input over a limit raises :class:`MediaError` naming the file, the size and the constant.
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def describe_source(source: Any) -> str:
@@ -42,18 +50,58 @@ class MediaError(ValueError):
         return (MediaError, (self.modality, self.source, self.reason, self.index))
 
 
-def open_source(source: Any, modality: str, extensions: tuple[str, ...] | None = None) -> Any:
+def over_limit(what: str, value: float, limit: float | None, constant: str) -> str | None:
+    """The refusal reason when ``value`` exceeds ``limit`` (``None``: no limit), else ``None``.
+
+    ``constant`` is the dotted name of the module constant holding the limit, so the message says what a
+    caller can raise: ``"point count 20,000,000 is over the limit of 2,000,000 (ibllm...MAX_POINTS)"``."""
+    if limit is None or value <= limit:
+        return None
+    return f"{what} {value:,} is over the limit of {limit:,} ({constant})"
+
+
+def check_limit(modality: str, source: Any, what: str, value: float, limit: float | None, constant: str) -> None:
+    """Raise :class:`MediaError` for ``source`` when ``value`` exceeds ``limit`` (see :func:`over_limit`)."""
+    reason = over_limit(what, value, limit, constant)
+    if reason is not None:
+        raise MediaError(modality, source, reason)
+
+
+def npy_shape(data: bytes) -> tuple[int, ...] | None:
+    """The array shape a ``.npy`` byte string declares in its header (nothing else is parsed), or ``None``
+    when ``data`` is not a readable ``.npy`` header (the full load then reports the problem)."""
+    fp = io.BytesIO(data[:65536])
+    try:
+        version = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(fp)
+    except (ValueError, OSError, SyntaxError, TypeError):
+        return None
+    return tuple(int(n) for n in shape)
+
+
+def central_span(long: int, short: int, max_ratio: float | None) -> tuple[int, int] | None:
+    """``(start, length)`` of the centred part of a side of length ``long`` that brings a ``long x short``
+    picture down to the aspect ratio ``max_ratio``, or ``None`` when it is within the ratio already."""
+    if max_ratio is None or long <= short * max_ratio:
+        return None
+    length = max(1, int(short * max_ratio))
+    return (long - length) // 2, length
+
+
+def open_source(source: Any, modality: str, extensions: tuple[str, ...] | None = None,
+                max_bytes: int | None = None, limit_name: str = "") -> Any:
     """Check a path/bytes source and return something a decoder can open.
 
     Returns the :class:`~pathlib.Path` of an existing file, or an ``io.BytesIO`` for ``bytes``. Raises
-    :class:`MediaError` for a missing file, a directory, an empty byte string, or (when ``extensions`` is
-    given) a file extension outside that set.
+    :class:`MediaError` for a missing file, a directory, an empty byte string, (when ``extensions`` is
+    given) a file extension outside that set, or (when ``max_bytes`` is given) a file or byte string larger
+    than ``max_bytes``, checked before anything is read; ``limit_name`` names that limit's constant.
     """
-    import io
-
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise MediaError(modality, source, "empty byte string")
+        check_limit(modality, source, "size in bytes", len(source), max_bytes, limit_name)
         return io.BytesIO(bytes(source))
     if not isinstance(source, (str, Path)):
         raise MediaError(modality, source, f"unsupported source type {type(source).__name__}")
@@ -66,4 +114,6 @@ def open_source(source: Any, modality: str, extensions: tuple[str, ...] | None =
         raise MediaError(
             modality, source, f"unsupported extension {path.suffix!r}; expected one of {', '.join(extensions)}"
         )
+    if max_bytes is not None:
+        check_limit(modality, source, "size in bytes", path.stat().st_size, max_bytes, limit_name)
     return path

@@ -1,8 +1,17 @@
-"""Image loading and the CLIP transforms of SPEC §5.1, with PIL + torch only.
+"""Image loading and the CLIP transforms ImageBind's vision encoder expects, with PIL + torch only.
 
 The geometry reproduces torchvision on PIL input: ``Resize(size, bicubic)`` (short side to ``size``,
 long side ``int(size * long / short)``), ``CenterCrop`` (offsets ``int(round((H - size) / 2))``),
 ``ToTensor`` and ``Normalize``, and ``RandomResizedCrop`` (10 attempts, then the central fallback crop).
+
+Bounds on the work per image (module constants a caller may change; ``None`` switches one off):
+
+- :data:`MAX_IMAGE_PIXELS` (8192 x 8192): an image whose header declares more pixels is refused before
+  any pixel is decoded. PIL's own ``PIL.Image.MAX_IMAGE_PIXELS`` is honoured too when it is lower.
+- :data:`MAX_ASPECT_RATIO` (100): the eval transform resizes the short side to ``size``, so a 20000 x 1
+  image would become 4.5 million pixels wide (gigabytes). An image more elongated than this ratio is first
+  centre-cropped along its long side to the ratio; the centre crop of the result is then taken as usual.
+  Images within the ratio are transformed exactly as before.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import MediaError, open_source
+from .errors import MediaError, central_span, open_source
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -23,6 +32,27 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 ImageSource = str | Path | bytes | Image.Image
 
 WHITE = (255, 255, 255)
+
+MAX_IMAGE_PIXELS: int | None = 8192 * 8192
+"""Largest image (width x height, from the file header) that is decoded; ``None``: no limit of ours."""
+MAX_ASPECT_RATIO: float | None = 100.0
+"""Long side / short side above which the eval transform centre-crops before resizing (``None``: never)."""
+
+
+def pixel_limit() -> int | None:
+    """The pixel limit in force: the lower of :data:`MAX_IMAGE_PIXELS` and PIL's ``Image.MAX_IMAGE_PIXELS``."""
+    limits = [n for n in (MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS) if n is not None]
+    return min(limits) if limits else None
+
+
+def check_declared_size(img: Image.Image, source: object, modality: str, limit: int | None,
+                        constant: str = "ibllm.processing.image.MAX_IMAGE_PIXELS") -> None:
+    """Refuse a lazily opened image whose header declares more than ``limit`` pixels (``None``: no limit)
+    before its pixels are decoded; ``constant`` names the limit in the message."""
+    w, h = img.size
+    if limit is not None and w * h > limit:
+        raise MediaError(modality, source, f"declared size {w}x{h} = {w * h:,} pixels is over the limit of "
+                                           f"{limit:,} pixels ({constant})")
 
 
 def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
@@ -59,16 +89,23 @@ def open_rgb(source: ImageSource, background: tuple[int, int, int] | None = WHIT
     - 16-bit/32-bit integer (``I;16``, ``I``) and float (``F``) images are rescaled to 8 bits (PIL's own
       conversion would saturate them at 255).
 
-    EXIF orientation is not applied (the official pipeline does not apply it either).
+    EXIF orientation is not applied (the official pipeline does not apply it either). A file whose header
+    declares more than :func:`pixel_limit` pixels raises :class:`MediaError` before decoding.
     """
     if isinstance(source, Image.Image):
         img = source
     else:
         opened = open_source(source, "image")
         try:
-            img = Image.open(opened)
+            img = Image.open(opened)  # lazy: reads the header only
+        except Image.DecompressionBombError as e:  # PIL's own check, at twice its Image.MAX_IMAGE_PIXELS
+            raise MediaError("image", source, f"image too large: {e}") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise MediaError("image", source, f"cannot decode image: {e}") from e
+        check_declared_size(img, source, "image", pixel_limit())
+        try:
             img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise MediaError("image", source, f"cannot decode image: {e}") from e
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
@@ -103,6 +140,16 @@ def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
     return img.resize((new_w, new_h), Image.BICUBIC)
+
+
+def crop_aspect(img: Image.Image, max_ratio: float | None) -> Image.Image:
+    """Centre-crop the long side so that long / short is at most ``max_ratio`` (unchanged when it is)."""
+    w, h = img.size
+    span = central_span(max(w, h), min(w, h), max_ratio)
+    if span is None:
+        return img
+    start, length = span
+    return img.crop((start, 0, start + length, h) if w > h else (0, start, w, start + length))
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -145,10 +192,12 @@ def random_resized_crop_params(
 def image_transform(
     img: Image.Image, train: bool, size: int = 224, generator: torch.Generator | None = None
 ) -> Tensor:
-    """CLIP transform of one RGB image (SPEC §5.1) -> normalised ``[3,size,size]`` float32.
+    """CLIP transform of one RGB image -> normalised ``[3,size,size]`` float32.
 
     ``train=True``: RandomResizedCrop(scale=(0.9,1.0), ratio=(3/4,4/3), bicubic), drawing from
-    ``generator`` (or the global RNG). ``train=False``: short side bicubic-resized to ``size``, centre crop.
+    ``generator`` (or the global RNG). ``train=False``: short side bicubic-resized to ``size``, centre crop;
+    an image more elongated than :data:`MAX_ASPECT_RATIO` is centre-cropped to that ratio first, so the
+    resized image stays small (the random crop's work is bounded by the image itself).
     """
     if img.mode != "RGB":
         img = open_rgb(img)
@@ -156,7 +205,7 @@ def image_transform(
         top, left, h, w = random_resized_crop_params(img.width, img.height, generator=generator)
         img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
     else:
-        img = center_crop(resize_short_side(img, size), size)
+        img = center_crop(resize_short_side(crop_aspect(img, MAX_ASPECT_RATIO), size), size)
     return normalize(to_tensor(img))
 
 

@@ -1,5 +1,13 @@
-"""Point-cloud loading for Point-Bind (SPEC §5.5), with the resampling and normalisation the official
-loader leaves out (defect D17): every cloud comes out as float32 ``[num_points, 3]`` in the unit sphere."""
+"""Point-cloud loading for Point-Bind, with the resampling and normalisation the official loader leaves
+out (it feeds clouds of any size and scale): every cloud comes out as float32 ``[num_points, 3]`` in the
+unit sphere.
+
+Bounds on the work per cloud (module constants a caller may change; ``None`` switches one off):
+
+- :data:`MAX_POINT_FILE_BYTES` (256 MiB): larger files are refused before they are read.
+- :data:`MAX_POINTS` (2,000,000): clouds with more points are refused — from the header where the format
+  has one (``.npy`` shape, PLY element counts, PCD ``POINTS``), while parsing text, and after decoding.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +18,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import MediaError, open_source
+from .errors import MediaError, check_limit, npy_shape, open_source, over_limit
 
+MAX_POINT_FILE_BYTES: int | None = 256 * 2**20
+"""Largest point-cloud file (or byte string) read."""
+MAX_POINTS: int | None = 2_000_000
+"""Most points (PLY: elements of any kind) in one cloud."""
+_LIMIT = "ibllm.processing.point."
 POINT_EXTENSIONS = (".pt", ".pth", ".npy", ".ply", ".xyz", ".pts", ".txt", ".obj", ".pcd")
+
+
+class _TooMany(Exception):
+    """A cloud (or a PLY element) has more than :data:`MAX_POINTS` entries."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
 
 
 def _read_text_columns(text: str) -> np.ndarray:
@@ -23,6 +44,8 @@ def _read_text_columns(text: str) -> np.ndarray:
         fields = line.split("#", 1)[0].replace(",", " ").split()
         if len(fields) >= 3:
             rows.append(fields[:3])
+            if MAX_POINTS is not None and len(rows) > MAX_POINTS:
+                raise _TooMany(len(rows))
     if not rows:
         return np.zeros((0, 3), np.float32)
     try:
@@ -41,12 +64,25 @@ def _is_numeric(fields: list[str]) -> bool:
 
 def _read_obj(text: str) -> np.ndarray:
     rows = [line.split()[1:4] for line in text.splitlines() if line.startswith("v ")]
+    if MAX_POINTS is not None and len(rows) > MAX_POINTS:
+        raise _TooMany(len(rows))
     return np.asarray(rows, dtype=np.float64) if rows else np.zeros((0, 3), np.float32)
+
+
+def _ply_counts(data: bytes) -> list[int]:
+    """The element counts a PLY header declares (``element vertex 1000`` ...), read before parsing."""
+    end = data.find(b"end_header", 0, 1 << 20)
+    lines = data[: end if end >= 0 else 1 << 20].split(b"\n")
+    return [int(w[2]) for w in (line.split() for line in lines) if len(w) == 3 and w[0] == b"element"
+            and w[2].isdigit()]
 
 
 def _read_ply(data: bytes, path: Path | None = None) -> np.ndarray:
     from plyfile import PlyData
 
+    for count in _ply_counts(data):
+        if MAX_POINTS is not None and count > MAX_POINTS:
+            raise _TooMany(count)
     # plyfile memory-maps a real file but parses a byte stream far more slowly (~100x for 40k points)
     vertex = PlyData.read(str(path) if path is not None else io.BytesIO(data))["vertex"]
     return np.stack([np.asarray(vertex[c], dtype=np.float64) for c in ("x", "y", "z")], axis=1)
@@ -73,6 +109,8 @@ def _read_pcd(data: bytes) -> np.ndarray:
     fields = header["FIELDS"]
     counts = [int(c) for c in header.get("COUNT", ["1"] * len(fields))]
     n = int(header["POINTS"][0])
+    if MAX_POINTS is not None and n > MAX_POINTS:
+        raise _TooMany(n)
     kind = header["DATA"][0].lower()
     cols = {f: i for i, f in enumerate(fields)}
     if kind == "ascii":
@@ -92,18 +130,23 @@ def read_points(source: str | Path | bytes | Tensor | np.ndarray) -> Tensor:
 
     ``.pt``/``.pth`` (``torch.load(weights_only=True)`` of a tensor ``[N,>=3]`` or ``[1,N,>=3]``), ``.npy``,
     ``.ply`` (vertex x/y/z), ``.xyz``/``.pts``/``.txt`` (columns), ``.obj`` (``v`` lines), ``.pcd``
-    (ascii/binary). Bytes are sniffed: PLY, PCD, NumPy, torch zip, else text columns.
+    (ascii/binary). Bytes are sniffed: PLY, PCD, NumPy, torch zip, else text columns. Files over
+    :data:`MAX_POINT_FILE_BYTES` and clouds over :data:`MAX_POINTS` raise :class:`MediaError`.
     """
     if isinstance(source, (Tensor, np.ndarray)):
         arr = source.detach().cpu().numpy() if isinstance(source, Tensor) else source
         ext = ".array"
     else:
-        src = open_source(source, "point", POINT_EXTENSIONS if isinstance(source, (str, Path)) else None)
+        src = open_source(source, "point", POINT_EXTENSIONS if isinstance(source, (str, Path)) else None,
+                          max_bytes=MAX_POINT_FILE_BYTES, limit_name=_LIMIT + "MAX_POINT_FILE_BYTES")
         path = src if isinstance(src, Path) else None
         data = src.read_bytes() if path is not None else src.getvalue()
         ext = path.suffix.lower() if path is not None else _sniff(data)
         try:
             arr = _decode(data, ext, path)
+        except _TooMany as e:
+            reason = over_limit("point count", e.count, MAX_POINTS, _LIMIT + "MAX_POINTS")
+            raise MediaError("point", source, str(reason)) from None
         except MediaError:
             raise
         except Exception as e:  # noqa: BLE001 - any parse failure becomes one clear error
@@ -115,6 +158,7 @@ def read_points(source: str | Path | bytes | Tensor | np.ndarray) -> Tensor:
         raise MediaError("point", source, f"expected points [N,3] (or [N,>3]), got shape {tuple(arr.shape)}")
     if arr.shape[0] == 0:
         raise MediaError("point", source, "empty point cloud")
+    check_limit("point", source, "point count", arr.shape[0], MAX_POINTS, _LIMIT + "MAX_POINTS")
     pts = torch.from_numpy(np.ascontiguousarray(arr[:, :3], dtype=np.float32))
     if not torch.isfinite(pts).all():
         raise MediaError("point", source, "point cloud contains NaN or Inf")
@@ -142,6 +186,10 @@ def _decode(data: bytes, ext: str, path: Path | None = None) -> np.ndarray:
             raise ValueError("expected a tensor (or a dict with key 'points')")
         return obj.float().numpy()
     if ext == ".npy":
+        shape = npy_shape(data)
+        count = shape[-2] if shape and len(shape) >= 2 else None  # [N,3] or [1,N,3]
+        if count is not None and MAX_POINTS is not None and count > MAX_POINTS:
+            raise _TooMany(count)
         return np.load(io.BytesIO(data), allow_pickle=False)
     if ext == ".ply":
         return _read_ply(data, path)

@@ -1,6 +1,14 @@
-"""Depth, thermal and IMU loaders (SPEC §5.6). The official ImageBind-LLM code ships none; the model
-only fixes the shapes (depth/thermal ``[1,224,224]``, IMU ``[6,2000]``), so the value conventions here
-are this project's choice, documented per function.
+"""Depth, thermal and IMU loaders. The official ImageBind-LLM code ships none; the model only fixes the
+shapes (depth/thermal ``[1,224,224]``, IMU ``[6,2000]``), so the value conventions here are this
+project's choice, documented per function.
+
+Bounds on the work per input (module constants a caller may change; ``None`` switches one off):
+
+- :data:`MAX_SENSOR_FILE_BYTES` (256 MiB): larger files are refused before they are read.
+- :data:`MAX_SENSOR_ELEMENTS` (2**24, e.g. a 4096 x 4096 map or 2.8 million IMU samples): larger arrays
+  and images are refused — from the ``.npy`` header or the image header before decoding, else after loading.
+- :data:`MAX_ASPECT_RATIO` (100): depth/thermal maps more elongated than this are centre-cropped to the
+  ratio before the short-side resize; maps within the ratio are processed exactly as before.
 """
 
 from __future__ import annotations
@@ -14,41 +22,69 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .errors import MediaError, open_source
+from .errors import MediaError, central_span, check_limit, npy_shape, open_source
+from .image import check_declared_size
 
 ARRAY_EXTENSIONS = (".npy", ".pt", ".pth")
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".webp")
 Source = str | Path | bytes | Tensor | np.ndarray
+MAX_SENSOR_FILE_BYTES: int | None = 256 * 2**20
+"""Largest depth/thermal/IMU file (or byte string) read."""
+MAX_SENSOR_ELEMENTS: int | None = 2**24
+"""Most values in one depth/thermal map (pixels) or IMU recording (channels x samples)."""
+MAX_ASPECT_RATIO: float | None = 100.0
+"""Long side / short side above which depth/thermal maps are centre-cropped before resizing."""
+_LIMIT = "ibllm.processing.sensors."
+
+
+def _check_elements(source: Source, modality: str, shape: tuple[int, ...]) -> None:
+    check_limit(modality, source, f"array of shape {tuple(shape)}: element count", int(np.prod(shape)),
+                MAX_SENSOR_ELEMENTS, _LIMIT + "MAX_SENSOR_ELEMENTS")
 
 
 def _load_array(source: Source, modality: str, extensions: tuple[str, ...]) -> tuple[np.ndarray, str]:
     """Read an array or single-channel image -> (2-D or higher ndarray, kind) with kind one of
-    ``"float"`` (arrays), ``"uint8"`` (8-bit images), ``"int"`` (16/32-bit integer images)."""
-    if isinstance(source, Tensor):
-        return source.detach().cpu().float().numpy(), "float"
-    if isinstance(source, np.ndarray):
+    ``"float"`` (arrays), ``"uint8"`` (8-bit images), ``"int"`` (16/32-bit integer images). Files over
+    :data:`MAX_SENSOR_FILE_BYTES` and arrays/images over :data:`MAX_SENSOR_ELEMENTS` raise :class:`MediaError`."""
+    if isinstance(source, (Tensor, np.ndarray)):
+        _check_elements(source, modality, tuple(source.shape))
+        if isinstance(source, Tensor):
+            return source.detach().cpu().float().numpy(), "float"
         return source, "float"
-    src = open_source(source, modality, extensions if isinstance(source, (str, Path)) else None)
+    src = open_source(source, modality, extensions if isinstance(source, (str, Path)) else None,
+                      max_bytes=MAX_SENSOR_FILE_BYTES, limit_name=_LIMIT + "MAX_SENSOR_FILE_BYTES")
     data = src.read_bytes() if isinstance(src, Path) else src.getvalue()
     ext = src.suffix.lower() if isinstance(src, Path) else ""
     try:
         if ext == ".npy" or data.startswith(b"\x93NUMPY"):
-            return np.load(io.BytesIO(data), allow_pickle=False), "float"
+            shape = npy_shape(data)
+            if shape is not None:
+                _check_elements(source, modality, shape)
+            return _checked(np.load(io.BytesIO(data), allow_pickle=False), source, modality), "float"
         if ext in (".pt", ".pth") or data.startswith(b"PK"):
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             if not isinstance(obj, Tensor):
                 raise ValueError("expected a tensor")
+            _check_elements(source, modality, tuple(obj.shape))
             return obj.float().numpy(), "float"
         if ext in (".csv", ".txt"):
-            return np.loadtxt(io.StringIO(data.decode("utf-8")), delimiter="," if b"," in data else None,
-                              ndmin=2), "float"
-        img = Image.open(io.BytesIO(data))
+            arr = np.loadtxt(io.StringIO(data.decode("utf-8")), delimiter="," if b"," in data else None, ndmin=2)
+            return _checked(arr, source, modality), "float"
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        check_declared_size(img, source, modality, MAX_SENSOR_ELEMENTS, _LIMIT + "MAX_SENSOR_ELEMENTS")
         img.load()
+    except MediaError:
+        raise
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes one clear error
         raise MediaError(modality, source, f"cannot decode {modality} file: {e}") from e
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         return np.asarray(img), "float" if img.mode == "F" else "int"
     return np.asarray(img.convert("L")), "uint8"
+
+
+def _checked(arr: np.ndarray, source: Source, modality: str) -> np.ndarray:
+    _check_elements(source, modality, arr.shape)
+    return arr
 
 
 def _to_map(arr: np.ndarray, source: Source, modality: str) -> Tensor:
@@ -65,8 +101,15 @@ def _to_map(arr: np.ndarray, source: Source, modality: str) -> Tensor:
 
 
 def resize_center_crop(x: Tensor, size: int) -> Tensor:
-    """``[H, W]`` -> ``[1, size, size]``: antialiased bilinear resize of the short side to ``size``, centre crop."""
+    """``[H, W]`` -> ``[1, size, size]``: antialiased bilinear resize of the short side to ``size``, centre crop.
+
+    A map more elongated than :data:`MAX_ASPECT_RATIO` is centre-cropped to that ratio first."""
     h, w = x.shape
+    span = central_span(max(h, w), min(h, w), MAX_ASPECT_RATIO)
+    if span is not None:
+        start, length = span
+        x = x[:, start: start + length] if w > h else x[start: start + length]
+        h, w = x.shape
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     y = F.interpolate(x[None, None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
