@@ -30,6 +30,7 @@ help:
 	@echo "make pretrain SLURM=1 NODES=4 GPUS_PER_NODE=8 [PARTITION=.. TIME=.. ACCOUNT=..] EXP=..  submit to SLURM"
 	@echo "make chat [ARGS=..]             chat with the demo model (after pretrain / finetune)"
 	@echo "make demo-web [ARGS=..]         the browser demo on the demo model (http://127.0.0.1:7860)"
+	@echo "make serve-api [ARGS=..]        the OpenAI-compatible HTTP API on the demo model (http://127.0.0.1:8000/v1)"
 	@echo "make cache [ARGS=..]            build the visual cache (FAISS) of the demo's training images"
 	@echo "make crossmodal [ARGS=..]       demo cross-modal transfer: caption image/text/audio x cache (after pretrain)"
 	@echo "make eval [ARGS=.. EVAL_ARGS=..] easy-VQA on real data: stage 0+1+2 on its train split, score its test split"
@@ -88,6 +89,15 @@ chat: setup
 demo-web: setup
 	@test -f $(CHAT_ADAPTER) || { echo "no demo checkpoint ($(CHAT_ADAPTER)): run make pretrain (and make finetune) first"; exit 1; }
 	$(BIN)/python -m ibllm serve --adapter $(CHAT_ADAPTER) --llama smollm2-135m-instruct \
+		--imagebind data/demo/encoder.safetensors --imagebind-preset demo \
+		$(if $(wildcard data/demo/cache/cache.json),--cache data/demo/cache) $(ARGS)
+
+# The OpenAI-compatible HTTP API on the same model (http://127.0.0.1:8000/v1, model name "ibllm"); media come
+# base64-encoded in the requests (ARGS="--media-dir DIR" also lets requests name files inside DIR).
+.PHONY: serve-api
+serve-api: setup
+	@test -f $(CHAT_ADAPTER) || { echo "no demo checkpoint ($(CHAT_ADAPTER)): run make pretrain (and make finetune) first"; exit 1; }
+	$(BIN)/python -m ibllm serve --api --adapter $(CHAT_ADAPTER) --llama smollm2-135m-instruct \
 		--imagebind data/demo/encoder.safetensors --imagebind-preset demo \
 		$(if $(wildcard data/demo/cache/cache.json),--cache data/demo/cache) $(ARGS)
 

@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=7860)
     w.add_argument("--title", default="ImageBind-LLM")
+    w.add_argument("--api", action="store_true", help="serve the OpenAI-compatible HTTP API instead of the page "
+                                                      "(its own flags: python -m ibllm serve --api --help)")
     return parser
 
 
@@ -374,6 +376,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m ibllm serve``: the browser demo."""
     set_offline_env()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--api" in argv:
+        from ibllm.server.cli import main as api_main  # fastapi/torch: only for the API server
+
+        api_main([a for a in argv if a != "--api"])
+        return
     args = build_parser().parse_args(argv)
     try:
         import gradio  # noqa: F401
