@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -26,6 +27,7 @@ class GateMonitor(L.Callback):
         self.every_n_steps = every_n_steps
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        """Log the gradient norm and the gates' openness every ``every_n_steps`` steps."""
         if trainer.global_step % self.every_n_steps:
             return
         norms = grad_norm(pl_module.model, norm_type=2)
@@ -50,6 +52,7 @@ class SampleGenerations(L.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        """Every ``every_n_steps`` steps (global rank 0), write greedy answers for the batch's first images."""
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero or "image" not in batch:
             return
         tok = pl_module.tokenizer()
@@ -62,7 +65,8 @@ class SampleGenerations(L.Callback):
         for prompt in self.prompts:
             ids = [tok.encode(prompt, bos=True, eos=False)] * len(images)
             for i, out in enumerate(generate_tokens(model, ids, visual, self.max_gen_len, temperature=0, eos_id=tok.eos_id)):
-                reference = batch.get("text", [""] * len(images))[i] if "text" in batch else ""
+                # caption batches (stage 1) carry "caption", instruction batches "text"
+                reference = (batch.get("caption") or batch.get("text") or [""] * len(images))[i]
                 lines.append(f"**sample {i}** → {tok.decode(out)!r}  \n(reference: {reference!r})")
         model.train(was_training)
         for logger in trainer.loggers:
@@ -83,8 +87,7 @@ class SampleKeyLog(L.Callback):
         self.dirpath = dirpath
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        from pathlib import Path
-
+        """Append this batch's keys to this rank's file."""
         keys = batch.get("key") if isinstance(batch, dict) else None
         if not keys:
             return
