@@ -189,7 +189,8 @@ IMAGEBIND_PRESETS: dict[str, ImageBindConfig] = {
                               encoder_dims=32, npoints=256, projection_dim=32),
         vision_patch=28,
     ),
-    # The embedded demo's towers (2 blocks, 128 wide, 28-pixel patches on 224-pixel digits: one patch per original 8x8 pixel).
+    # The embedded demo's towers: 2 blocks, 128 wide, 28-pixel patches on the 224-pixel upscaled digits
+    # (one patch per original 8x8 pixel).
     "demo": ImageBindConfig(
         name="demo", out_embed_dim=128,
         vision=ModalityConfig(128, 2, 4, pre_transformer_ln=True), text=ModalityConfig(128, 2, 4),
