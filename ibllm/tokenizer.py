@@ -13,9 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ibllm.checkpoints.gguf import gguf_field, open_gguf
-from ibllm.checkpoints.io import CheckpointError, PathLike
-from ibllm.checkpoints.meta import find_tokenizer
+from ibllm.files import CheckpointError, PathLike, gguf_field, open_gguf
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +198,16 @@ def tokenizer_from_gguf(path: PathLike) -> HFTokenizer:
     pad = gguf_field(reader, "tokenizer.ggml.padding_token_id", None)
     add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", True))
     return HFTokenizer(tok, bos, eos, int(pad) if pad is not None else None, add_bos=add_bos)
+
+
+def find_tokenizer(directory: PathLike) -> Path | None:
+    """The tokenizer file belonging to a model folder: ``tokenizer.model`` here or in the parent
+    (where Meta releases keep it), else ``tokenizer.json`` here (Hugging Face); None when there is none."""
+    d = Path(directory)
+    for candidate in (d / "tokenizer.model", d.parent / "tokenizer.model", d / "tokenizer.json"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def load_tokenizer(path: PathLike) -> Tokenizer:

@@ -30,7 +30,7 @@ def tree(name: str) -> tuple[str, str]:
 
 FLOORS: dict[str, tuple[str, ...]] = {  # bottom up; fnmatch patterns on dotted module names
     "method": (*tree("ibllm.config"), *tree("ibllm.models"), *tree("ibllm.tuning"), *tree("ibllm.generation"),
-               *tree("ibllm.processing"), *tree("ibllm.tokenizer"), *tree("ibllm.atomic")),
+               *tree("ibllm.processing"), *tree("ibllm.tokenizer"), *tree("ibllm.atomic"), *tree("ibllm.files")),
     "machinery": (*tree("ibllm.lit"), *tree("ibllm.build"), *tree("ibllm.checkpoints"), *tree("ibllm.distributed"),
                   "ibllm.cache*", *tree("ibllm.features"), *tree("ibllm.stage0"), *tree("ibllm.evaluation"),
                   *tree("ibllm.slurm"), *tree("datamodules"), *tree("callbacks")),

@@ -53,10 +53,11 @@ from ibllm.build import build_from_adapter, resolve_llm_path
 from ibllm.checkpoints.adapters import (MERGED_CONFIG, MERGED_EXTRA, SAFETENSORS_META_KEY, VISUAL_WV, Adapter,
                                         adapter_dims, add_stage1, base_fingerprint, read_adapter)
 from ibllm.checkpoints.io import CheckpointError, save_atomic, write_json
-from ibllm.checkpoints.meta import find_tokenizer, save_meta_llama
+from ibllm.checkpoints.meta import save_meta_llama
 from ibllm.checkpoints.official import official_state
 from ibllm.config import LLaMAConfig
 from ibllm.models.merge import VisualProjectionLinear, merge_lora
+from ibllm.tokenizer import find_tokenizer
 from ibllm.tuning import is_trainable
 
 FORMATS = ("official", "safetensors", "merged")

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ibllm.checkpoints.io import CheckpointError, PathLike, StateDict, check_state_dict, llama_shapes
 from ibllm.config import LLaMAConfig
+from ibllm.files import MISSING, gguf_field, open_gguf
 
 _GGUF_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
              "output.weight": "output.weight"}
@@ -24,30 +25,6 @@ _GGUF_LAYER = {
     "ffn_norm.weight": "ffn_norm.weight",
 }
 _GGUF_LAYER_KEY = re.compile(r"blk\.(\d+)\.(.+)")
-_MISSING = object()
-
-
-def open_gguf(path: PathLike) -> Any:
-    """Open a GGUF file with ``gguf.GGUFReader`` (memory-mapped); CheckpointError if missing or invalid."""
-    from gguf import GGUFReader  # imported on use: ~0.3 s, and most callers never read GGUF
-
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"GGUF file not found: {p}")
-    try:
-        return GGUFReader(p)
-    except Exception as e:
-        raise CheckpointError(f"cannot read GGUF file {p}: {type(e).__name__}: {e}") from e
-
-
-def gguf_field(reader: Any, key: str, default: Any = _MISSING) -> Any:
-    """The decoded value of GGUF metadata ``key`` (strings, numbers, lists); ``default`` when absent."""
-    field = reader.get_field(key)
-    if field is None:
-        if default is _MISSING:
-            raise CheckpointError(f"GGUF file {reader.data.filename}: metadata key {key!r} is missing")
-        return default
-    return field.contents()
 
 
 def _f32(x: float) -> float:
@@ -103,7 +80,7 @@ def _gguf_tensor(t: Any, p: Path) -> Tensor:
 
 
 def _gguf_config(reader: Any, sd: Mapping[str, Tensor], p: Path) -> LLaMAConfig:
-    def f(key: str, default: Any = _MISSING) -> Any:
+    def f(key: str, default: Any = MISSING) -> Any:
         return gguf_field(reader, f"llama.{key}", default)
 
     n_heads, n_kv, dim = f("attention.head_count"), f("attention.head_count_kv", None), f("embedding_length")

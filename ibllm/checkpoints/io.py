@@ -7,7 +7,6 @@ write goes through :func:`save_atomic` (a temporary file, then a rename), the on
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import warnings
 from argparse import Namespace
@@ -21,19 +20,14 @@ from torch import Tensor
 
 from ibllm.atomic import atomic_write, write_text_atomic
 from ibllm.config import LLaMAConfig
+from ibllm.files import CheckpointError, PathLike
 
-PathLike = str | os.PathLike[str]
 StateDict = dict[str, Tensor]
 # Lightning's name for the non-tensor part (loops, callbacks, hyper-parameters) of a sharded checkpoint folder.
 SHARDED_META_FILE = "meta.pt"
 
 # Objects a Lightning training checkpoint may hold besides tensors: argparse args are harmless containers.
 _SAFE_GLOBALS: list[Any] = [Namespace]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, unsafe, or does not match what was expected."""
-
 
 
 def safe_load(path: PathLike, what: str = "checkpoint", mmap: bool = True) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def load_meta_llama(directory: PathLike, dtype: torch.dtype = torch.float32) -> 
 
     Returns our config and a Meta-named state dict cast to ``dtype`` (``rope.freqs`` dropped). A
     ``vocab_size`` of -1 is resolved from the embedding. The tokenizer (``tokenizer.model`` here or in the
-    parent folder, where Meta releases keep one tokenizer for all sizes) is found with :func:`find_tokenizer`.
+    parent folder, where Meta releases keep one tokenizer for all sizes) is found by
+    :func:`ibllm.tokenizer.find_tokenizer`.
     """
     d = Path(directory)
     params = read_json(d / "params.json", "Meta LLaMA params")
@@ -152,15 +153,3 @@ def _meta_shard(key: str, t: Tensor, n: int, num_shards: int) -> Tensor:
     if t.shape[dim] % num_shards:
         raise CheckpointError(f"cannot split {key!r} of shape {list(t.shape)} into {num_shards} shards along dim {dim}")
     return t.detach().chunk(num_shards, dim=dim)[n].clone()
-
-
-def find_tokenizer(directory: PathLike) -> Path | None:
-    """The tokenizer file belonging to a model folder: ``tokenizer.model`` here or in the parent
-    (where Meta releases keep it), else ``tokenizer.json`` here (Hugging Face); None when there is none."""
-    d = Path(directory)
-    for candidate in (d / "tokenizer.model", d.parent / "tokenizer.model", d / "tokenizer.json"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
