@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ibllm.inference import load  # (`import ibllm` is a namespace package when run from bench/)
+    from ibllm.api import load  # (`import ibllm` is a namespace package when run from bench/)
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
