@@ -65,10 +65,12 @@ class EvaluationCallback(L.Callback):
         return metrics
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        """Evaluate every ``every_n_steps`` optimizer steps (global rank 0)."""
         step = trainer.global_step
         if step and step % self.every_n_steps == 0 and step != self._last_step and trainer.is_global_zero:
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A last evaluation at the end of fitting (``at_end``), unless this step was just evaluated."""
         if self.at_end and trainer.global_step != self._last_step and trainer.is_global_zero:
             self.evaluate(trainer, pl_module)

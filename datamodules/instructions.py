@@ -3,15 +3,16 @@
 Formats (auto-detected per item):
 
 * **Alpaca**: ``{"instruction", "input", "output"}`` -> one turn, the input template when ``input``
-  is non-empty (the official code's tuple defect D1 is not reproduced).
+  is non-empty. (The official loader builds a text-only instruction with a trailing comma, so its prompt
+  shows the string form of a 1-tuple, ``('Give three tips...',)``; that is not reproduced.)
 * **LLaVA**: ``{"image", "conversations": [{"from": "human"|"gpt", "value"}, ...]}`` -> all turns,
   ``<image>`` placeholder removed; with ``official_first_turn=True`` only the first exchange, the
-  placeholder kept verbatim (the official behaviour, D13).
+  placeholder kept verbatim (what the official loader does).
 * **ShareGPT**: ``{"conversations": [...]}`` with ``from: human|gpt`` (also ``user``/``assistant``)
   or ``role``/``content`` entries, or ``{"messages": [...]}``; ``system`` entries are dropped.
 
-Text-only items get the SPEC §1.8 fake image ``zeros(3,S,S)`` (already in normalised space), injected
-like a real image; ``text_only_injection=False`` keeps the zeros but sets ``inject=False``.
+Text-only items get the official "fake image" ``zeros(3,S,S)``: already in normalised space, so it is a
+uniform image of the CLIP mean colour (not black), encoded and injected like a real image; ``text_only_injection=False`` keeps the zeros but sets ``inject=False``.
 Only assistant turns (+ EOS) are in the loss.
 """
 
@@ -28,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.common import resolve_tokenizer
+from ibllm.processing.image import load_image
 from ibllm.processing.samples import build_conversation_sample, build_sample, collate
 from ibllm.processing.templates import format_prompt, strip_image_placeholder
 
@@ -93,14 +95,15 @@ def parse_item(item: dict[str, Any], image_root: Optional[Path], official_first_
 
 
 def expand_files(files: Union[str, Path, Sequence[Union[str, Path]]]) -> list[Path]:
-    """A file, a list of files, or a YAML data config with a ``META`` list (SPEC §7.1), flattened."""
+    """A file, a list of files, or a YAML data config (one key, ``META``: a list of file paths, relative to the
+    YAML file unless absolute), flattened."""
     if isinstance(files, (str, Path)):
         files = [files]
     out: list[Path] = []
     for f in files:
         p = Path(f)
         if p.suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # only YAML data configs need it
 
             meta = yaml.safe_load(p.read_text()) or {}
             out += expand_files([Path(x) if Path(x).is_absolute() else p.parent / x for x in meta.get("META", [])])
@@ -192,8 +195,6 @@ class InstructionDataset(Dataset):
     def _build(self, rec: InstructionRecord) -> dict[str, Any]:
         sample: dict[str, Any] = dict(self.tokens(rec))
         if rec.image is not None:
-            from ibllm.processing.image import load_image
-
             sample["image"] = load_image(rec.image, train=self.train_transform, size=self.image_size)
             sample["inject"] = True
         else:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ibllm import tuning
 from ibllm.build import build_model
+from ibllm.cli import evaluate
 from ibllm.evaluation import runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def answers_of(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, adapter, sp_model, ocr_data) -> Path:
     out = tmp_path_factory.mktemp("single")
-    runner.main(["--task", "ocr", "--data", ocr_data, "--out", str(out), "--dataset", "IIIT5K", *model_args(adapter, sp_model), *SAMPLED])
+    evaluate.main(["--task", "ocr", "--data", ocr_data, "--out", str(out), "--dataset", "IIIT5K", *model_args(adapter, sp_model), *SAMPLED])
     return out
 
 
@@ -89,11 +90,11 @@ def test_resume_answers_only_what_is_missing(tmp_path, single_run, adapter, sp_m
     row = full["answers"][2]
     (tmp_path / "answers.rank1.jsonl").write_text(json.dumps({"id": row["id"], "answer": row["answer"]}) + '\n{"id": "3", "ans')
     capsys.readouterr()
-    runner.main(["--task", "ocr", "--data", ocr_data, "--out", str(tmp_path), *model_args(adapter, sp_model), *SAMPLED])
+    evaluate.main(["--task", "ocr", "--data", ocr_data, "--out", str(tmp_path), *model_args(adapter, sp_model), *SAMPLED])
     assert "5 samples, 3 already answered" in capsys.readouterr().out
     assert (tmp_path / "answers.json").read_text() == (single_run / "answers.json").read_text()
     # everything answered: the next run only scores
-    runner.main(["--task", "ocr", "--data", ocr_data, "--out", str(tmp_path), *model_args(adapter, sp_model), *SAMPLED])
+    evaluate.main(["--task", "ocr", "--data", ocr_data, "--out", str(tmp_path), *model_args(adapter, sp_model), *SAMPLED])
     assert "5 already answered" in capsys.readouterr().out
 
 
@@ -113,7 +114,7 @@ def test_mme_evaluation_writes_official_files_scored_identically(tmp_path, adapt
 
     write_mme(tmp_path / "data")
     out = tmp_path / "out"
-    runner.main(["--task", "mme", "--data", str(tmp_path / "data"), "--out", str(out), *model_args(adapter, sp_model)])
+    evaluate.main(["--task", "mme", "--data", str(tmp_path / "data"), "--out", str(out), *model_args(adapter, sp_model)])
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-2].startswith("mme_perception: ") and printed[-1].startswith("mme_cognition: ")
     assert sorted(p.name for p in (out / "mme_results").iterdir()) == ["code_reasoning.txt", "existence.txt"]
@@ -169,10 +170,10 @@ def test_answers_of_another_evaluation_are_refused_or_discarded(tmp_path, single
     assert recorded["checkpoint"] == adapter and len(recorded["checkpoint_sha256"]) == 64
     greedy = ["--task", "ocr", "--data", ocr_data, "--out", str(tmp_path), *model_args(adapter, sp_model)]
     with pytest.raises(SystemExit, match=r"another evaluation \(differs in: settings\).*--restart"):
-        runner.main(greedy)  # temperature 0 instead of the recorded sampled run
+        evaluate.main(greedy)  # temperature 0 instead of the recorded sampled run
     assert (tmp_path / "answers.json").read_text() == (single_run / "answers.json").read_text()
     capsys.readouterr()
-    runner.main([*greedy, "--restart"])
+    evaluate.main([*greedy, "--restart"])
     out = capsys.readouterr().out
     assert "discarding the answers" in out and "5 samples, 0 already answered" in out
     assert json.loads((tmp_path / "answers.json").read_text())["settings"]["temperature"] == 0.0

@@ -1,4 +1,4 @@
-"""Prompt templates, sample construction (SPEC §1.7) and collation."""
+"""Prompt templates, sample construction (prompt tokens masked out of the loss, answer + EOS kept) and collation."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def test_build_sample_truncation_drops_eos() -> None:
 
 
 def test_mask_uses_separate_prompt_length() -> None:
-    # "bc" merges only in the joint encoding; the mask still covers len(encode(prompt)) = 3 positions (D14).
+    # "bc" merges only in the joint encoding; as in the official code, the mask still covers
+    # len(encode(prompt)) = 3 positions (the prompt's separate tokenisation sets the mask length).
     s = build_sample(CharTok(merge="bc"), "ab", "cd", max_words=96)
     assert s["tokens"].tolist() == [1, c("a"), 1000, c("d"), 2]
     assert s["labels"].tolist() == [-100, -100, -100, c("d"), 2]

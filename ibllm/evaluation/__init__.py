@@ -4,7 +4,9 @@
   :mod:`.cider` (CIDEr-D raw / PTB-tokenised, BLEU / ROUGE from torchmetrics); shared text rules in :mod:`.text`;
 * :mod:`.readers` (on-disk formats, MME layout auto-detection, the easy-VQA data from PyPI);
 * :mod:`.prompts` (the paper's prompts and decoding settings);
-* :mod:`.runner` (``python -m ibllm evaluate``); ``python -m ibllm score mme DIR`` is :func:`.mme.main`.
+* :mod:`.runner` (answering over ranks, scoring, answers files), used by ``python -m ibllm evaluate``
+  (:mod:`ibllm.cli.evaluate`) and the training callback; ``python -m ibllm score mme DIR`` is
+  :mod:`ibllm.cli.score`.
 """
 
 from ibllm.evaluation.cider import cider_d, ptb_tokenize

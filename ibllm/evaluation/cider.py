@@ -108,7 +108,7 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], mode
 
 def bleu_rouge(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """Corpus BLEU-4 and ROUGE-L F (torchmetrics), both x100."""
-    from torchmetrics.text import BLEUScore
+    from torchmetrics.text import BLEUScore  # torchmetrics' text metrics are slow to import; only captions need them
     from torchmetrics.text.rouge import ROUGEScore
 
     bleu = BLEUScore(n_gram=4)(list(candidates), [list(r) for r in references])

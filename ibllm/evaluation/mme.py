@@ -12,7 +12,6 @@ perception subtasks (max 2000), Cognition = sum over the 4 cognition subtasks (m
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -163,21 +162,3 @@ def report_lines(scores: dict[str, SubtaskScore], totals: dict[str, float]) -> l
     lines.append(f"mme_perception: {totals['perception']:.2f}")
     lines.append(f"mme_cognition: {totals['cognition']:.2f}")
     return lines
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ibllm score mme RESULTS_DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m ibllm score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["mme"], help="which benchmark's results to score")
-    parser.add_argument("results", help="folder of per-subtask <task>.txt files (image<TAB>question<TAB>gt<TAB>response)")
-    args = parser.parse_args(argv)
-    import sys
-
-    try:
-        scores, totals, missing = score_results_dir(args.results)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if missing:
-        print(f"warning: no results for {', '.join(missing)} (totals cover the subtasks present)", file=sys.stderr)
-    print("\n".join(report_lines(scores, totals)))

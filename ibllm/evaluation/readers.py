@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from ibllm.evaluation.mme import COGNITION, PERCEPTION
+from ibllm.processing.shards import IMAGE_EXTENSIONS
 
 TASKS = ("mme", "ocr", "vqa", "caption", "kie", "visdial")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".webp")
+# Image files of benchmark folders: the shard image extensions in either case, plus bitmaps.
+IMAGE_SUFFIXES = (*(f".{e}" for e in IMAGE_EXTENSIONS), *(f".{e.upper()}" for e in IMAGE_EXTENSIONS), ".bmp")
 MME_SUFFIX = "Please answer yes or no."
 EASY_VQA = "easy-vqa"
 
@@ -67,7 +69,7 @@ class Sample:
 # ---- MME ------------------------------------------------------------------------------------------
 def find_image(folder: Path, stem: str) -> Path | None:
     """``folder/stem.<ext>`` for the first image extension that exists."""
-    for ext in IMAGE_EXTENSIONS:
+    for ext in IMAGE_SUFFIXES:
         path = folder / f"{stem}{ext}"
         if path.is_file():
             return path
@@ -219,7 +221,7 @@ def read_annotations(task: str, data: str | Path) -> list[Sample]:
 def easy_vqa_split(split: str = "test") -> tuple[list[tuple[str, str, int]], dict[int, str]]:
     """``([(question, answer, image_id)], {image_id: png path})`` of the installed ``easy-vqa`` package."""
     try:
-        import easy_vqa
+        import easy_vqa  # an optional package, needed only for this data set
     except ImportError:
         raise DataError("the easy-vqa data needs the PyPI package easy-vqa (pip install easy-vqa==1.0)") from None
     if split not in ("test", "train"):

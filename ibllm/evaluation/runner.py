@@ -1,44 +1,45 @@
-"""Run an evaluation: read the data, generate the answers (all ranks), score them, write the report.
+"""Answering and scoring an evaluation: generation with the paper's prompts, scorers, answers files, ranks.
 
-``python -m ibllm evaluate --task mme|ocr|vqa|caption|kie|visdial --data DIR --out OUT [model options]``
+What ``python -m ibllm evaluate`` (:mod:`ibllm.cli.evaluate`) and the training callback
+``callbacks.evaluation.EvaluationCallback`` are made of:
 
-* Samples are spread over every rank by Lightning ``predict`` (one process per device; ``--devices 2``
-  on CPU starts two processes). Each rank appends its answers, batch by batch, to
-  ``OUT/answers.rank<R>.jsonl``; rank 0 gathers them into ``OUT/answers.json`` (sample order,
-  deterministic) and removes the partial files.
-* Resumable: a run that finds ``answers.json`` or partial files in ``OUT`` answers only the samples not
-  answered yet (rank 0 decides and broadcasts, so every rank splits the same list). ``OUT/run.json``
-  records what produced them (task, data, checkpoint sha256, model files, decoding settings); answers of
-  a different evaluation are refused (``--restart`` discards them).
-* Scores go to ``OUT/metrics.json`` and ``OUT/results.md`` (ours beside the paper's numbers); MME also
-  writes ``OUT/mme_results/<task>.txt`` in the official tool's format (score it with
-  ``python -m ibllm score mme OUT/mme_results``).
-* Decoding follows :mod:`ibllm.evaluation.prompts` (the paper's settings; every one overridable).
-  Sampling (temperature > 0) draws from a generator seeded by ``--seed`` and the batch's first sample
-  id: reruns are identical for the same world size and batch size; with greedy decoding
-  (``--temperature 0``) or ``--batch-size 1`` the answers do not depend on how samples are split.
+* :func:`answer_batch` / :func:`generate_answers` — one answer per sample with the paper's prompt and
+  decoding (:mod:`ibllm.evaluation.prompts`). Sampling (temperature > 0) draws from a generator seeded by
+  the settings' seed and the batch's first sample id, so reruns are identical for the same world size
+  and batch size; with greedy decoding or batch size 1 the answers do not depend on how samples are split.
+* :func:`predict_answers` — spreads the pending samples over every rank with Lightning ``predict``; each
+  rank appends its answers, batch by batch, to ``OUT/answers.rank<R>.jsonl``.
+* :func:`read_done` / :func:`write_answers` / :func:`claim_output` — the answers files: rank 0 gathers the
+  partial files into ``OUT/answers.json`` (sample order); ``OUT/run.json`` records what produced them, and
+  answers of a different evaluation are refused or discarded.
+* :func:`score_answers` / :func:`results_table` / :func:`summary_lines` — metrics, the markdown table
+  beside the paper's numbers, and the final ``name: value`` lines.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from ibllm.atomic import write_text_atomic
 from ibllm.evaluation import cider as cider_mod
 from ibllm.evaluation import kie, mme, ocr, visdial, vqa
 from ibllm.evaluation.prompts import EvalSettings, build_prompt
-from ibllm.evaluation.readers import EASY_VQA, TASKS, DataError, Sample, read_task
+from ibllm.evaluation.readers import EASY_VQA, DataError, Sample
+from ibllm.generation import generate_tokens
+from ibllm.processing.image import image_transform, open_rgb
 
 ANSWERS = "answers.json"
 PARTIAL = "answers.rank{rank}.jsonl"
@@ -51,8 +52,6 @@ MAIN_METRIC = {"ocr": "accuracy", "vqa": "accuracy", "caption": "cider", "kie": 
 # ---- generation -----------------------------------------------------------------------------------
 def load_eval_image(path: str, bgr: bool = False, size: int = 224) -> torch.Tensor:
     """The evaluation transform of one image (resize + centre crop), channels reversed when ``bgr``."""
-    from ibllm.processing.image import image_transform, open_rgb
-
     img = open_rgb(path)
     if bgr:
         img = Image.fromarray(np.ascontiguousarray(np.asarray(img)[..., ::-1]))
@@ -78,8 +77,6 @@ def answer_batch(model: Any, tokenizer: Any, samples: Sequence[Sample], settings
 
     Each row is capped at ``min(new tokens of its task, settings.max_seq_len - prompt length)`` new tokens.
     """
-    from ibllm.generation import generate_tokens
-
     if not samples:
         return []
     was_training = model.training
@@ -107,8 +104,6 @@ def answer_batch(model: Any, tokenizer: Any, samples: Sequence[Sample], settings
 def generate_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], settings: EvalSettings,
                      batch_size: int = 8, progress: bool = True) -> dict[str, str]:
     """Answers of every sample, batch by batch on the current process (``{id: answer}``)."""
-    from tqdm import tqdm
-
     answers: dict[str, str] = {}
     starts = range(0, len(samples), batch_size)
     for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
@@ -215,8 +210,6 @@ def read_done(out: Path) -> dict[str, str]:
 def wait_for_claim(out: Path, identity: dict[str, Any], timeout: float = 300.0) -> None:
     """Wait (up to ``timeout`` s) until ``OUT/run.json`` records ``identity``: rank 0 has claimed the folder
     (and discarded answers of another run) before this rank reads which answers exist."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -237,27 +230,6 @@ def write_answers(out: Path, task: str, data: str, samples: Sequence[Sample], an
     for part in out.glob("answers.rank*.jsonl"):
         part.unlink()
     return out / ANSWERS
-
-
-def launched_rank() -> int:
-    """This process's global rank as its launcher set it (``RANK``, ``SLURM_PROCID``, ``LOCAL_RANK``; else 0)."""
-    import os
-
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-def run_identity(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]:
-    """What makes answers reusable: task, data, model files (the checkpoint by sha256) and decoding settings."""
-    from ibllm.binding import file_sha256
-
-    checkpoint = args.checkpoint
-    return {"task": args.task, "data": str(args.data), "checkpoint": checkpoint,
-            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
-            "llm": args.llm, "tokenizer": args.tokenizer, "imagebind": args.imagebind,
-            "imagebind_weights": args.imagebind_weights, "dtype": args.dtype, "settings": asdict(settings)}
 
 
 def claim_output(out: Path, identity: dict[str, Any], on_change: str = "error") -> None:
@@ -283,71 +255,72 @@ def claim_output(out: Path, identity: dict[str, Any], on_change: str = "error") 
 
 
 # ---- Lightning --------------------------------------------------------------------------------------
-def _lightning_classes():
-    import lightning as L
-    from torch.utils.data import DataLoader, Dataset
+class SampleList(Dataset):
+    """The samples as a map-style dataset (batches are lists of :class:`Sample`)."""
 
-    class SampleList(Dataset):
-        def __init__(self, samples: Sequence[Sample]) -> None:
-            self.samples = list(samples)
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        self.samples = list(samples)
 
-        def __len__(self) -> int:
-            return len(self.samples)
+    def __len__(self) -> int:
+        """Number of samples."""
+        return len(self.samples)
 
-        def __getitem__(self, index: int) -> Sample:
-            return self.samples[index]
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
 
-    class EvalData(L.LightningDataModule):
-        """The samples not answered yet; rank 0 reads ``out`` and broadcasts the list."""
 
-        def __init__(self, samples: Sequence[Sample], out: Path, batch_size: int) -> None:
-            super().__init__()
-            self.samples, self.out, self.batch_size = list(samples), out, batch_size
-            self.pending: list[Sample] = []
+class EvalData(L.LightningDataModule):
+    """The samples not answered yet; rank 0 reads ``out`` and broadcasts the list."""
 
-        def setup(self, stage: str) -> None:
-            pending_ids = None
-            if self.trainer.is_global_zero:
-                done = read_done(self.out)
-                pending_ids = [s.id for s in self.samples if s.id not in done]
-            pending_ids = set(self.trainer.strategy.broadcast(pending_ids, src=0))
-            self.pending = [s for s in self.samples if s.id in pending_ids]
+    def __init__(self, samples: Sequence[Sample], out: Path, batch_size: int) -> None:
+        super().__init__()
+        self.samples, self.out, self.batch_size = list(samples), out, batch_size
+        self.pending: list[Sample] = []
 
-        def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-            return batch  # samples are paths and strings; answer_batch moves the images
+    def setup(self, stage: str) -> None:
+        """Find the pending samples (rank 0) and share the list with every rank."""
+        pending_ids = None
+        if self.trainer.is_global_zero:
+            done = read_done(self.out)
+            pending_ids = [s.id for s in self.samples if s.id not in done]
+        pending_ids = set(self.trainer.strategy.broadcast(pending_ids, src=0))
+        self.pending = [s for s in self.samples if s.id in pending_ids]
 
-        def predict_dataloader(self) -> DataLoader:
-            return DataLoader(SampleList(self.pending), batch_size=self.batch_size, shuffle=False,
-                              collate_fn=list, num_workers=0)
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Leave the batch where it is."""
+        return batch  # samples are paths and strings; answer_batch moves the images
 
-    class EvalModule(L.LightningModule):
-        """Wraps a loaded model; ``predict_step`` answers a batch and appends it to this rank's file."""
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of pending samples (lists of :class:`Sample`), split over ranks by Lightning."""
+        return DataLoader(SampleList(self.pending), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=list, num_workers=0)
 
-        def __init__(self, model: Any, tokenizer: Any, settings: EvalSettings, out: Path) -> None:
-            super().__init__()
-            self.model, self.tok, self.settings, self.out = model, tokenizer, settings, out
 
-        def predict_step(self, batch: list[Sample], batch_idx: int) -> list[tuple[str, str]]:
-            answers = answer_batch(self.model, self.tok, batch, self.settings)
-            with open(self.out / PARTIAL.format(rank=self.global_rank), "a", encoding="utf-8") as handle:
-                for s, a in zip(batch, answers):
-                    handle.write(json.dumps({"id": s.id, "answer": a}, ensure_ascii=False) + "\n")
-                handle.flush()
-            return list(zip([s.id for s in batch], answers))
+class EvalModule(L.LightningModule):
+    """Wraps a loaded model; ``predict_step`` answers a batch and appends it to this rank's file."""
 
-        def on_predict_end(self) -> None:
-            self.trainer.strategy.barrier("ibllm-eval-gather")
+    def __init__(self, model: Any, tokenizer: Any, settings: EvalSettings, out: Path) -> None:
+        super().__init__()
+        self.model, self.tok, self.settings, self.out = model, tokenizer, settings, out
 
-    return EvalData, EvalModule
+    def predict_step(self, batch: list[Sample], batch_idx: int) -> list[tuple[str, str]]:
+        """Answer ``batch`` and append ``{"id", "answer"}`` lines to this rank's partial file."""
+        answers = answer_batch(self.model, self.tok, batch, self.settings)
+        with open(self.out / PARTIAL.format(rank=self.global_rank), "a", encoding="utf-8") as handle:
+            for s, a in zip(batch, answers):
+                handle.write(json.dumps({"id": s.id, "answer": a}, ensure_ascii=False) + "\n")
+            handle.flush()
+        return list(zip([s.id for s in batch], answers))
+
+    def on_predict_end(self) -> None:
+        """Wait until every rank has written its answers."""
+        self.trainer.strategy.barrier("ibllm-eval-gather")
 
 
 def predict_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], settings: EvalSettings, out: Path,
                     batch_size: int = 8, accelerator: str = "auto", devices: int | str = 1,
                     num_nodes: int = 1, precision: str | None = None) -> bool:
     """Answer the pending samples over every rank; returns True on global rank 0 (which then gathers)."""
-    import lightning as L
-
-    EvalData, EvalModule = _lightning_classes()
     multi = (isinstance(devices, int) and devices > 1) or num_nodes > 1 or devices == -1
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                         strategy="ddp" if multi else "auto", logger=False, enable_checkpointing=False,
@@ -357,60 +330,6 @@ def predict_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], setti
     trainer.predict(EvalModule(model, tokenizer, settings, out), datamodule=EvalData(samples, out, batch_size),
                     return_predictions=False)
     return trainer.is_global_zero
-
-
-# ---- command ----------------------------------------------------------------------------------------
-def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(ImageBindLLM, tokenizer) for the evaluation, via :func:`ibllm.inference.load` (seeded: random
-    preset weights are the same in every process)."""
-    from ibllm.inference import load
-
-    torch.manual_seed(args.seed)
-    loaded = load(adapter=args.checkpoint, llama=args.llm, tokenizer=args.tokenizer, imagebind=args.imagebind_weights,
-                  imagebind_preset=args.imagebind, modalities=["vision"], dtype=args.dtype)
-    return loaded.model, loaded.tokenizer
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m ibllm evaluate``."""
-    p = argparse.ArgumentParser(prog="python -m ibllm evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True, help=f"data folder (layouts: ibllm.evaluation.readers) or {EASY_VQA}[:test|:train]")
-    p.add_argument("--out", default=None, help="output folder (default: eval/<task>)")
-    p.add_argument("--dataset", default=None, help="dataset name for the paper column (e.g. TextVQA, IIIT5K, NoCaps)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    m = p.add_argument_group("model")
-    m.add_argument("--checkpoint", default=None, help="adapter: our Lightning checkpoint / export, or an official file")
-    m.add_argument("--llm", "--llama", dest="llm", default=None, help="base LLM (default: recorded in the checkpoint)")
-    m.add_argument("--tokenizer", default=None, help="tokenizer file (default: the LLM's)")
-    m.add_argument("--imagebind", default=None, help="ImageBind preset (default: inferred from the weights)")
-    m.add_argument("--imagebind-weights", default=None, help="ImageBind weights (default: recorded in the checkpoint)")
-    m.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    d = p.add_argument_group("decoding (defaults: the paper's)")
-    d.add_argument("--temperature", type=float, default=None, help="default 0.1 (0 = greedy)")
-    d.add_argument("--top-p", type=float, default=None, help="default 0.75")
-    d.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer tokens, default 256")
-    d.add_argument("--max-new-tokens", type=int, default=None, help="default 16 for captions, 256 otherwise")
-    d.add_argument("--bgr", action="store_true", help="feed BGR images like LVLM-eHub's wrapper (a quirk)")
-    d.add_argument("--no-template", action="store_true", help="raw instruction, without the Alpaca template")
-    d.add_argument("--seed", type=int, default=0)
-    r = p.add_argument_group("run")
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--accelerator", default="auto")
-    r.add_argument("--devices", default="1", help="devices (= processes) to spread the samples over")
-    r.add_argument("--num-nodes", type=int, default=1)
-    r.add_argument("--restart", dest="on_change", action="store_const", const="always", default="error",
-                   help="discard answers already in --out (default: resume them; an error if they came from "
-                        "another checkpoint, data or decoding settings)")
-    return p
-
-
-def settings_from(args: argparse.Namespace) -> EvalSettings:
-    """:class:`EvalSettings` with the command-line overrides."""
-    return EvalSettings().with_overrides(temperature=args.temperature, top_p=args.top_p, max_seq_len=args.max_seq_len,
-                                         max_new_tokens=args.max_new_tokens, bgr=args.bgr or None,
-                                         template=False if args.no_template else None, seed=args.seed)
 
 
 def summary_lines(task: str, data: str, metrics: dict[str, float]) -> list[str]:
@@ -429,56 +348,3 @@ def summary_lines(task: str, data: str, metrics: dict[str, float]) -> list[str]:
         key = MAIN_METRIC[task]
         lines.append(f"{task}_{key}: {metrics[key]:.2f}")
     return lines
-
-
-def run(args: argparse.Namespace) -> dict[str, float] | None:
-    """Everything ``evaluate`` does; returns the metrics on rank 0 (None on other ranks)."""
-    settings = settings_from(args)
-    samples = read_task(args.task, args.data, args.limit)
-    out = Path(args.out or f"eval/{args.task}")
-    out.mkdir(parents=True, exist_ok=True)
-    on_change = getattr(args, "on_change", "error")
-    identity = run_identity(args, settings)
-    if launched_rank() == 0:  # the other ranks leave the folder to rank 0 ...
-        claim_output(out, identity, on_change)
-    elif on_change != "always":  # ... and read the answers only once it has claimed it
-        wait_for_claim(out, identity)
-    devices: int | str = int(args.devices) if str(args.devices).lstrip("-").isdigit() else args.devices
-    done = read_done(out) if launched_rank() == 0 or on_change != "always" else {}
-    pending = [s for s in samples if s.id not in done]
-    print(f"{args.task}: {len(samples)} samples, {len(samples) - len(pending)} already answered in {out}", flush=True)
-    if pending:
-        model, tokenizer = load_model(args)
-        if not predict_answers(model, tokenizer, samples, settings, out, args.batch_size, args.accelerator,
-                               devices, args.num_nodes):
-            return None
-    answers = read_done(out)
-    missing = [s.id for s in samples if s.id not in answers]
-    if missing:
-        raise RuntimeError(f"{len(missing)} samples have no answer after the run (e.g. {missing[:3]})")
-    write_answers(out, args.task, args.data, samples, answers, settings)
-    metrics = score_answers(args.task, samples, answers)
-    if args.task == "mme":
-        mme.write_results_files(mme_rows(samples, answers), out / "mme_results")
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
-    table = results_table(args.task, metrics, args.dataset)
-    write_text_atomic(out / "results.md", table)
-    print(table)
-    print("\n".join(summary_lines(args.task, args.data, metrics)), flush=True)
-    return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ibllm evaluate ...``."""
-    from ibllm.distributed import shutdown_process_group
-
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    shutdown_process_group()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
