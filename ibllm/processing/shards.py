@@ -182,7 +182,7 @@ def open_shard(url: str) -> BinaryIO:
     or a remote URL / ``pipe:`` command through webdataset's opener."""
     if os.path.exists(url) or not _is_remote(url):
         return open(url, "rb")
-    import webdataset as wds  # only remote shards need it; importing it costs ~0.3 s
+    import webdataset as wds  # only remote shards need it, and it is slow to import
 
     return wds.gopen(url, "rb")
 
