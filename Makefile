@@ -34,6 +34,8 @@ help:
 	@echo "make cache [ARGS=..]            build the visual cache (FAISS) of the demo's training images"
 	@echo "make crossmodal [ARGS=..]       demo cross-modal transfer: caption image/text/audio x cache (after pretrain)"
 	@echo "make eval [ARGS=.. EVAL_ARGS=..] easy-VQA on real data: stage 0+1+2 on its train split, score its test split"
+	@echo "make gpu-wheels                wheels the GPU machine lacks (Python 3.12, manylinux) into .whl/"
+	@echo "make gpu-check [CPU=1]          validate a GPU in minutes (bench/gpu_check.py); CPU=1: tiny shapes here"
 	@echo "make setup                     only create the environment"
 
 setup: $(STAMP)
@@ -131,3 +133,45 @@ eval: setup
 	$(BIN)/python -m ibllm fit --config experiments/easyvqa_pretrain.yaml
 	$(BIN)/python -m ibllm fit --config experiments/easyvqa_finetune.yaml $(ARGS)
 	$(BIN)/python -m ibllm easyvqa evaluate $(EVAL_ARGS)
+
+# The GPU check (bench/gpu_check.py): 7B training steps (plain and FSDP2, with and without activation
+# checkpointing), peak memory beside the memory plan, MFU, decode, encoder, FAISS, autocast parity; one JSON line
+# `gpu_check: {...}` at the end, also written to $OUT/gpu_check.json or runs/gpu_check.json.
+# The GPU machine reaches no package registry and brings its own torch (CUDA), so nothing there is installed
+# from one: `make gpu-wheels` (here) downloads the wheels ibllm needs beyond that machine's image, for Python
+# 3.12 / manylinux x86-64, at the versions installed here, into .whl/ (checked to stay under 60 MiB);
+# `make gpu-check` (there) installs them with --no-index into $(GPU_SITE) and runs the check from the source tree.
+# `make gpu-check CPU=1` rehearses the same script at tiny shapes on this machine's CPU.
+GPU_WHEELS ?= jsonargparse docstring-parser typeshed-client omegaconf gguf webdataset braceexpand soundfile cffi \
+	pycparser plyfile ftfy wcwidth faiss-cpu av
+GPU_WHEELS_MAX_MIB ?= 60
+GPU_SITE ?= /tmp/ibllm-site
+GPU_PYTHON ?= python3
+WHEEL_PLATFORMS := $(foreach n,2_17 2_24 2_27 2_28 2_31 2_34 2_35,--platform manylinux_$(n)_x86_64) \
+	--platform manylinux2014_x86_64 --platform manylinux1_x86_64
+
+.PHONY: gpu-wheels gpu-check
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	@set -e; for pkg in $(GPU_WHEELS); do \
+		version=$$($(BIN)/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" $$pkg 2>/dev/null || true); \
+		echo "  $$pkg$${version:+==$$version}"; \
+		$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+			$(WHEEL_PLATFORMS) -d .whl "$$pkg$${version:+==$$version}"; \
+	done
+	@total=$$(du -cb .whl/*.whl | tail -1 | cut -f1); \
+	echo "$$(ls .whl/*.whl | wc -l) wheels, $$((total / 1048576)) MiB in .whl/"; \
+	test $$total -le $$(($(GPU_WHEELS_MAX_MIB) * 1048576)) || \
+		{ echo "error: .whl/ is over $(GPU_WHEELS_MAX_MIB) MiB: drop a package from GPU_WHEELS (av is the largest)"; exit 1; }
+
+ifeq ($(CPU),1)
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py --cpu $(ARGS)
+else
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+			--target $(GPU_SITE) .whl/*.whl; \
+	else echo "no wheels in .whl/ (run make gpu-wheels where a registry is reachable): using what is installed"; fi
+	PYTHONPATH=$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/gpu_check.py $(ARGS)
+endif
