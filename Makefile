@@ -27,7 +27,7 @@ help:
 	@echo "make test-unit                 the unit tests only (pytest -m 'not system')"
 	@echo "make pretrain [EXP=.. ARGS=..]  stage 1 (default: the embedded CPU demo)"
 	@echo "make finetune [EXP=.. ARGS=..]  stage 2 (default: the embedded CPU demo, after pretrain)"
-	@echo "make pretrain SLURM=1 NODES=4 GPUS_PER_NODE=8 [PARTITION=.. TIME=.. ACCOUNT=..] EXP=..  submit to SLURM"
+	@echo "make pretrain SLURM=1 NODES=4 GPUS_PER_NODE=8 [PARTITION=.. TIME=.. ACCOUNT=.. CPUS_PER_TASK=..] EXP=..  submit to SLURM"
 	@echo "make chat [ARGS=..]             chat with the demo model (after pretrain / finetune)"
 	@echo "make demo-web [ARGS=..]         the browser demo on the demo model (http://127.0.0.1:7860)"
 	@echo "make serve-api [ARGS=..]        the OpenAI-compatible HTTP API on the demo model (http://127.0.0.1:8000/v1)"
@@ -65,10 +65,11 @@ GPUS_PER_NODE ?= 8
 PARTITION ?=
 TIME ?=
 ACCOUNT ?=
+CPUS_PER_TASK ?=
 SBATCH_SUBMIT = $(and $(filter 1,$(SLURM)),$(if $(SLURM_JOB_ID),,1))
 # $(call slurm_submit,CONFIG): the submit command
 slurm_submit = $(BIN)/python -m ibllm.slurm --config $(1) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) \
-	--partition "$(PARTITION)" --time "$(TIME)" --account "$(ACCOUNT)" --args '$(ARGS)' $(if $(EXP),,--prepare-demo)
+	--partition "$(PARTITION)" --time "$(TIME)" --account "$(ACCOUNT)" --cpus-per-task "$(CPUS_PER_TASK)" --args '$(ARGS)' $(if $(EXP),,--prepare-demo)
 
 # Without EXP the embedded demo runs: its data and stage-0 towers are built once (data/demo/), then reused.
 pretrain: setup

@@ -50,6 +50,7 @@ from ibllm.build import build_encoder
 from ibllm.config import imagebind_preset
 from ibllm.processing.image import load_image
 from ibllm.processing.shards import TarSample, expand_urls, rank_shards, read_tar_samples, shard_name, world_info
+from ibllm.slurm import task_device
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def extract_features(shards: Any, out_dir: str | Path, imagebind: str = "huge", 
     reports = [ShardReport(u, "exists") for u in mine if u not in todo]
     if not todo:
         return reports
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = task_device(device, who.local_rank)
     cfg = imagebind_preset(imagebind)
     torch.manual_seed(seed)
     encoder = build_encoder(cfg, imagebind_weights, ("vision",))

@@ -24,6 +24,29 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "experiments" / "slurm.sbatch"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
+def task_device(device: str | None = None, local_rank: int | None = None) -> Any:
+    """The ``torch.device`` a launcher task (srun / torchrun process) computes on.
+
+    ``device`` None picks CUDA when available, else the CPU. A bare ``cuda`` becomes ``cuda:L`` with ``L``
+    this task's local rank (``local_rank``, else the launcher's ``LOCAL_RANK`` / ``SLURM_LOCALID`` / ...)
+    modulo the visible GPUs: ``srun --ntasks-per-node=8`` under ``--gres=gpu:8`` shows every task all eight
+    GPUs, and plain ``cuda`` would put all eight tasks on the first one. An explicit index is kept.
+    """
+    # torch (also imported by processing.shards) only here: the submit command does not need it
+    import torch
+
+    from ibllm.processing.shards import world_info
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type != "cuda" or resolved.index is not None:
+        return resolved
+    if local_rank is None:
+        local_rank = world_info(0, 1, 0, 1).local_rank
+    return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+
+
 def render(template: str, values: dict[str, Any]) -> str:
     """Fill ``{{name}}`` placeholders; a placeholder without a value is an error naming it."""
     missing = sorted({m for m in PLACEHOLDER.findall(template) if m not in values})

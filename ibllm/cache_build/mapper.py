@@ -13,6 +13,7 @@ from ibllm.build import build_encoder
 from ibllm.config import imagebind_preset
 from ibllm.features import FeatureWriter, ShardReport
 from ibllm.processing.shards import shard_name
+from ibllm.slurm import task_device
 
 
 def encoder_hash(encoder: torch.nn.Module, branch: str = "vision") -> str:
@@ -71,7 +72,7 @@ def make_factory(preset: str, weights: str | None, batch_size: int, device: str 
         torch.manual_seed(seed)
         encoder = build_encoder(cfg, weights, ("vision",))
         model = {"preset": preset, "weights": weights, "sha256": encoder_hash(encoder)}
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = task_device(device)
         return ImageEmbedder(encoder, cfg.image_size, batch_size, dev, precision, workers), model
 
     return factory
