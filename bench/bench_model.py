@@ -72,7 +72,8 @@ def train_step_bench(stage: str, steps: int, batch: int, seq: int, device: str, 
     if device == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         flops = batch * seq * (6 * counts["trainable"] + 4 * (counts["total"] - counts["trainable"]))
-        peak = H100_BF16_FLOPS if "H100" in torch.cuda.get_device_name() else A100_BF16_FLOPS
+        name = torch.cuda.get_device_name()
+        peak = H100_BF16_FLOPS if "H100" in name or "H200" in name else A100_BF16_FLOPS  # H200: same dense peak
         result["mfu"] = flops / step_s / peak
     else:
         result["peak_rss_growth_mib"] = rss_mib() - base_rss
