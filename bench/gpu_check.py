@@ -239,6 +239,9 @@ def train_config(part: Part, stage: str, wrap: str, checkpointing: bool) -> dict
     from ibllm.models.ibllm import ImageBindLLM, lm_loss
 
     shapes, device = part.shapes, part.device
+    if device.type == "cuda":  # what an earlier configuration (or its out-of-memory error) left
+        gc.collect()
+        torch.cuda.empty_cache()
     cfg = llama_preset(shapes.llama)
     torch.manual_seed(0)
     with torch.device(device):
@@ -314,7 +317,6 @@ def run_train(part: Part, wrap: str) -> None:
         except torch.cuda.OutOfMemoryError as e:  # report and go on with the other setting
             row = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             failed.append(key)
-            torch.cuda.empty_cache()
         part.record(key, row)
         part.say(", ".join(f"{k} {v}" for k, v in row.items() if k in ("step_s", "tokens_per_s", "mfu", "peak_gib",
                                                                         "static_gib", "error")))

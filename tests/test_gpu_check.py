@@ -65,3 +65,31 @@ def test_a_part_over_its_budget_is_stopped_and_the_next_still_runs(tmp_path):
     assert faiss["status"] == "ok" and faiss["index"]["recall_at_10"] > 0.8
     assert report["failed"] == ["plan"] and proc.returncode == 1
     assert report["memory_vs_plan"] == []
+
+
+def load_script():
+    """bench/gpu_check.py as a module (bench/ is not an installed package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_only_report_pieces():
+    """What only a GPU run fills in: the dense bf16 peaks by device name and the peaks set beside the plan."""
+    check = load_script()
+    assert check.bf16_peak("NVIDIA H100 80GB HBM3") == check.bf16_peak("NVIDIA H200") == 989e12
+    assert check.bf16_peak("NVIDIA H100 PCIe") == 756e12 and check.bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert check.bf16_peak("Tesla T4") is None
+    plan = {"ImageBind-H vision, replicated (bf16)": 1.0, "FSDP gathered: root": 2.0, "FSDP gathered: 2 blocks": 3.0,
+            "TOTAL without checkpointing": 40.0, "TOTAL with checkpointing": 30.0}
+    parts = {"plan": {"pretrain": {"plan_1gpu_gib": plan}},
+             "train_plain": {"pretrain/checkpointing=False": {"peak_gib": 33.0}},
+             "train_fsdp": {"pretrain/checkpointing=True": {"peak_gib": 27.5},
+                            "finetune/checkpointing=True": {"error": "out of memory"}}}
+    assert check.memory_vs_plan(parts) == [
+        {"stage": "pretrain", "wrap": "plain", "checkpointing": False, "measured_peak_gib": 33.0, "plan_gib": 34.0},
+        {"stage": "pretrain", "wrap": "fsdp", "checkpointing": True, "measured_peak_gib": 27.5, "plan_gib": 29.0}]
