@@ -135,12 +135,20 @@ def user(text: str, *parts: dict) -> dict:
     return {"role": "user", "content": [{"type": "text", "text": text}, *parts]}
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def data_url(path: Path) -> dict:
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()}}
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(path.read_bytes())}}
+
+
+def audio_part(data: bytes) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(data), "format": "wav"}}
 
 
 def wav_part(path: Path) -> dict:
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(), "format": "wav"}}
+    return audio_part(path.read_bytes())
 
 
 # ---- unit tests: mapping and text assembly (no server) -------------------------------------------------------
@@ -254,12 +262,13 @@ def test_image_and_audio_inputs(server, model, tiny, media):
     assert by_path.choices[0].message.content == r.choices[0].message.content
     r = ask(c, [user(Q1, wav_part(wav))])
     assert r.choices[0].message.content == model.chat(Q1, inputs={"audio": str(wav)}, temperature=0.0, max_gen_len=12)
-    mixed = ask(c, [user(Q1, data_url(img), wav_part(wav))], extra_body={"modality_weights": {"image": 0.7, "audio": 0.3}})
-    assert mixed.choices[0].message.content == model.chat(Q1, inputs={"image": (str(img), 0.7), "audio": (str(wav), 0.3)},
-                                                          temperature=0.0, max_gen_len=12)
+    weights = {"image": 0.7, "audio": 0.3}
+    mixed = ask(c, [user(Q1, data_url(img), wav_part(wav))], extra_body={"modality_weights": weights})
+    inputs = {"image": (str(img), 0.7), "audio": (str(wav), 0.3)}
+    assert mixed.choices[0].message.content == model.chat(Q1, inputs=inputs, temperature=0.0, max_gen_len=12)
     # the extension field: the same image as an `inputs` item; a later turn's image replaces an earlier one
     ext = ask(c, [{"role": "user", "content": Q1}], extra_body={"inputs": [
-        {"modality": "image", "data": base64.b64encode(img.read_bytes()).decode()}]})
+        {"modality": "image", "data": b64(img.read_bytes())}]})
     assert ext.choices[0].message.content == ask(c, [user(Q1, data_url(img))]).choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="no point encoder"):
         ask(c, [{"role": "user", "content": Q1}], extra_body={"inputs": [{"modality": "point", "data": "AAAA"}]})
@@ -293,13 +302,10 @@ def test_bad_requests_get_openai_errors(server, tiny):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         c.chat.completions.create(model="gpt-4o", messages=msgs)
     cases = [
-        ([user(Q1, {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
-                                                       + base64.b64encode(b"not an image").decode()}})], {},
+        ([user(Q1, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(b"not an image")}})], {},
          "undecodable image"),
-        ([user(Q1, {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"noise" * 20).decode(),
-                                                           "format": "wav"}})], {}, "undecodable audio"),
-        ([user(Q1, {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF\0\0\0\0WAVEjunkjunk").decode(),
-                                                           "format": "wav"}})], {}, "undecodable audio"),
+        ([user(Q1, audio_part(b"noise" * 20))], {}, "undecodable audio"),
+        ([user(Q1, audio_part(b"RIFF\0\0\0\0WAVEjunkjunk"))], {}, "undecodable audio"),
         ([user(Q1, {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}})], {}, "not valid base64"),
         ([user(Q1, {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}})], {},
          "remote URLs are not fetched"),
@@ -308,6 +314,9 @@ def test_bad_requests_get_openai_errors(server, tiny):
         (msgs, {"n": 2}, "'n' is not supported"),
         (msgs + [{"role": "assistant", "content": "x"}], {}, "last message must be from the user"),
         (msgs, {"temperature": -1}, "temperature"),
+        ([user(Q1, {"type": "file", "file": {}})], {}, "messages.0.content.1: Input tag 'file'"),
+        ([user(Q1, data_url(tiny["image"]))], {"extra_body": {"visual_cache": {"enabled": True}}},
+         "no visual cache is loaded"),
     ]
     for messages, extra, needle in cases:
         with pytest.raises(openai.BadRequestError, match=needle):

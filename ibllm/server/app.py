@@ -82,10 +82,13 @@ def build_app(model: Any, config: ServerConfig) -> FastAPI:
         if options is None:
             return engine.cache_for(CacheSettings(enabled=engine.has_cache))
         base = CacheSettings(enabled=options.enabled)
-        return engine.cache_for(CacheSettings(
-            enabled=options.enabled, k=base.k if options.k is None else options.k,
-            temperature=base.temperature if options.temperature is None else options.temperature,
-            weight=base.weight if options.weight is None else options.weight))
+        try:
+            return engine.cache_for(CacheSettings(
+                enabled=options.enabled, k=base.k if options.k is None else options.k,
+                temperature=base.temperature if options.temperature is None else options.temperature,
+                weight=base.weight if options.weight is None else options.weight))
+        except ValueError as e:
+            raise APIError(400, f"visual_cache: {e}", param="visual_cache") from None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

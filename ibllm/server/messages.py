@@ -123,7 +123,8 @@ def _check_container(modality: str, raw: bytes, what: str) -> None:
         ok = (raw[:4] == b"RIFF" and raw[8:12] == b"WAVE") or raw[:4] in (b"fLaC", b"OggS") or raw[:3] == b"ID3" \
             or (len(raw) > 1 and raw[0] == 0xFF and raw[1] & 0xE0 == 0xE0)
         if not ok:
-            raise APIError(400, f"{what}: undecodable audio (expected WAV, FLAC, OGG or MP3 data)", code="invalid_media")
+            raise APIError(400, f"{what}: undecodable audio (expected WAV, FLAC, OGG or MP3 data)",
+                           code="invalid_media")
     elif modality == "video":
         ok = raw[4:8] == b"ftyp" or raw[:4] == b"\x1aE\xdf\xa3" or (raw[:4] == b"RIFF" and raw[8:11] == b"AVI")
         if not ok:

@@ -7,7 +7,8 @@ that long for company to arrive. The batch runs through ``InferenceModel.stream`
 per-row EOS, prompts of different lengths); each row stops on its own EOS, stop string, token budget or
 cancellation, and the kernel call ends once every row has. Greedy rows batch with any greedy rows; sampled
 rows batch only with rows of the same temperature and top-p, and a seeded sampled row runs alone (its
-random stream must not depend on its neighbours).
+random stream must not depend on its neighbours). A request that arrives while a batch decodes waits for
+that batch to end (the kernel cannot take new rows mid-flight), then leads or joins the next one.
 
 The queue is bounded: :meth:`Scheduler.submit` raises a 429 :class:`APIError` when ``max_queue`` jobs
 are waiting. Jobs talk to the HTTP side through an asyncio queue of events: ``("started",)`` once its
@@ -254,8 +255,9 @@ class Scheduler:
             row.job.emit("started")
         p = rows[0].job.p
         eos = self.model.tokenizer.eos_id
-        stream = self.model.stream([r.job.p.ids for r in rows], visual, max_gen_len=max(r.job.p.max_tokens for r in rows),
-                                   temperature=p.temperature, top_p=p.top_p, seed=p.seed)
+        budget = max(r.job.p.max_tokens for r in rows)
+        stream = self.model.stream([r.job.p.ids for r in rows], visual, max_gen_len=budget, temperature=p.temperature,
+                                   top_p=p.top_p, seed=p.seed)
         try:
             for step in stream:
                 for row, tok in zip(rows, step.tolist()):

@@ -151,17 +151,44 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     try:
         req = ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "body"
-        raise APIError(400, f"{where}: {err['msg']}", param=str(err["loc"][0]) if err["loc"] else None) from None
+        raise APIError(400, describe_validation_error(e), param=str(e.errors()[0]["loc"][0])) from None
+    response_format = data.get("response_format") or {}
     refuse = {"n": req.n not in (None, 1), "logprobs": bool(req.logprobs),
               "tools": bool(data.get("tools")), "functions": bool(data.get("functions")),
-              "response_format": (data.get("response_format") or {}).get("type", "text") != "text"}
+              "response_format": not isinstance(response_format, dict) or response_format.get("type", "text") != "text"}
     for name, bad in refuse.items():
         if bad:
             raise APIError(400, f"'{name}' is not supported by this server (one text answer per request)",
                            param=name)
     return req
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """``messages.0.content.1.image_url.url`` from a pydantic location (union branch labels dropped)."""
+    out: list[str] = []
+    skip_tag = False
+    for part in loc:
+        text = str(part)
+        if "[" in text or text in ("str", "int", "float", "bool", "list", "dict") or text.startswith("function-"):
+            skip_tag = skip_tag or "tagged-union" in text
+            continue
+        if skip_tag and isinstance(part, str) and out and out[-1].isdigit():
+            skip_tag = False  # the discriminator value pydantic puts after the list index
+            continue
+        out.append(text)
+    return ".".join(out) or "body"
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """The deepest problem of a failed validation as ``field.path: message`` (for a value that fits none of
+    a union's alternatives at the top, every alternative's complaint)."""
+    errors = e.errors(include_url=False)
+    deepest = max(errors, key=lambda err: len(err["loc"]))
+    where = _field_path(deepest["loc"])
+    rivals = [err for err in errors if _field_path(err["loc"]) == where]
+    if len(rivals) > 1:
+        return f"{where}: invalid value ({'; or '.join(err['msg'] for err in rivals)})"
+    return f"{where}: {deepest['msg']}"
 
 
 # ---- responses -------------------------------------------------------------------------------------------
