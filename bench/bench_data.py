@@ -26,8 +26,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.captions import CaptionDecoder, CaptionShardDataset  # noqa: E402
-from datamodules.demo_data import write_digit_shards  # noqa: E402
 from datamodules.shards import parse_sources  # noqa: E402
+from ibllm.demos.digits.data import write_digit_shards  # noqa: E402
 from ibllm.processing.image import load_image  # noqa: E402
 from ibllm.processing.samples import build_sample, collate  # noqa: E402
 from ibllm.processing.shards import WorldInfo  # noqa: E402

@@ -1,1 +1,1 @@
-"""Lightning callbacks: monitors, demo evaluation."""
+"""Lightning callbacks: monitors, cache builder, preemption, evaluation (the demos bring their own)."""

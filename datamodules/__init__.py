@@ -1,4 +1,4 @@
-"""LightningDataModules: image–caption WebDataset shards, instruction data, and the demo's data writers."""
+"""LightningDataModules: image–caption WebDataset shards and instruction data."""
 
 from datamodules.instructions import InstructionData, InstructionDataset, load_records
 from datamodules.webdataset_captions import WebDatasetCaptions

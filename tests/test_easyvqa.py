@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.easyvqa_data import (
+from ibllm.demos.easyvqa.data import (
     COLORS,
     SHAPES,
     balance_yes_no,
@@ -133,7 +133,7 @@ def test_balance_repeats_the_rarer_answer_per_question_kind():
 
 
 def test_binding_task_pairs_images_with_captions_of_their_class():
-    from ibllm.easyvqa import ShapeBinding, load_split_images
+    from ibllm.demos.easyvqa.towers import ShapeBinding, load_split_images
     from ibllm.processing.clip_tokenizer import tokenize
 
     images, labels = load_split_images("train")
@@ -160,7 +160,7 @@ def test_binding_task_pairs_images_with_captions_of_their_class():
 
 
 def test_tiny_towers_learn_colour_from_the_real_images(tmp_path):
-    from ibllm.easyvqa import EasyVQARecipe, build_easyvqa_encoder
+    from ibllm.demos.easyvqa.towers import EasyVQARecipe, build_easyvqa_encoder
 
     recipe = EasyVQARecipe(cfg="tiny", steps=30, batch_size=32, warmup=5, lr=3e-3)
     built = build_easyvqa_encoder(tmp_path / "enc.safetensors", recipe, progress=False)

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands with their own argument parser: name -> (module, one-line help).
 DELEGATED_COMMANDS = {
-    "demo": ("ibllm.demo", "prepare the embedded demo (digit shards, instructions, stage-0 towers)"),
-    "easyvqa": ("ibllm.easyvqa", "easy-VQA demo on real data: `prepare` (shards, instructions, stage-0 towers), `evaluate` a checkpoint (make eval)"),
-    "bind": ("ibllm.binding", "stage 0: contrastively bind an ImageBind tower to another (e.g. a new modality)"),
+    "demo": ("ibllm.demos.digits.prepare", "prepare the embedded demo (digit shards, instructions, stage-0 towers)"),
+    "easyvqa": ("ibllm.demos.easyvqa.command", "easy-VQA demo on real data: `prepare` (shards, instructions, stage-0 towers), `evaluate` a checkpoint (make eval)"),
+    "bind": ("ibllm.demos.digits.towers", "stage 0: contrastively bind an ImageBind tower to another (e.g. a new modality)"),
     "score": ("ibllm.cli.score", "score answers the official way: `score mme RESULTS_DIR` (per-subtask <task>.txt)"),
     "evaluate": ("ibllm.cli.evaluate", "evaluate a checkpoint on MME / OCR / VQA / caption / KIE / VisDial data (paper protocols)"),
     "chat": ("ibllm.cli.chat", "interactive multi-turn chat with streaming (/image PATH, /audio PATH, /reset)"),
@@ -27,7 +27,7 @@ DELEGATED_COMMANDS = {
     "features": ("ibllm.cli.features", "precompute stage-1 image embeddings (KEY.npy) into copies of caption shards"),
     "cache": ("ibllm.cli.cache", "build the visual cache (FAISS index of image embeddings) from shards, over ranks"),
     "serve": ("ibllm.web", "browser demo (gradio, 127.0.0.1): uploads with weights, cache, streaming multi-turn chat"),
-    "crossmodal": ("ibllm.crossmodal", "demo cross-modal transfer: bind a spoken-digit audio tower, caption image/text/audio x cache"),
+    "crossmodal": ("ibllm.demos.crossmodal.experiment", "demo cross-modal transfer: bind a spoken-digit audio tower, caption image/text/audio x cache"),
 }
 
 

@@ -14,14 +14,14 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from ibllm.demos.digits.data import write_digit_instructions, write_digit_shards
+from ibllm.demos.digits.towers import build_demo_encoder
+
 DEFAULT_ROOT = Path("data/demo")
 
 
 def prepare_demo(root: str | Path = DEFAULT_ROOT, seed: int = 0, stage0_steps: int | None = None) -> dict[str, str]:
     """Build every demo asset under ``root`` (idempotent) and return their paths."""
-    from datamodules.demo_data import write_digit_instructions, write_digit_shards
-    from ibllm.binding import build_demo_encoder
-
     root = Path(root)
     shards = write_digit_shards(root / "shards", seed=seed)
     instructions = write_digit_instructions(root / "instructions", seed=seed)

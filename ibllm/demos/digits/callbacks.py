@@ -1,4 +1,4 @@
-"""Held-out accuracy of the embedded demo, measured before and after training.
+"""Held-out accuracy of the digits demo, measured before and after training (``experiments/demo_*.yaml``).
 
 Stage 1: the greedy caption of a held-out digit image is correct when the digit it names (word or
 numeral) is the image's label. Stage 2: a held-out question about a digit image is answered correctly
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,25 +17,24 @@ from typing import Any
 import lightning as L
 import torch
 
-from datamodules.demo_data import NUMBER_WORDS, digits_mentioned
-from datamodules.shards import expand_urls
+from ibllm.demos.digits.captions import NUMBER_WORDS, caption_names_digit
 from ibllm.generation import generate_tokens
 from ibllm.processing.image import load_image
 from ibllm.processing.samples import conversation_prompt_ids
+from ibllm.processing.shards import expand_urls, read_tar_samples
 from ibllm.processing.templates import caption_prompt, strip_image_placeholder
 
 KEY_WORDS = set(NUMBER_WORDS) | {"even", "odd"}
 
 
 def read_labelled_shards(urls: str | Sequence[str], limit: int | None = None) -> list[tuple[bytes, int]]:
-    """``(image bytes, label)`` pairs from demo shards (``KEY.png`` + ``KEY.json`` with ``label``)."""
-    samples: dict[str, dict] = {}
+    """``(image bytes, label)`` pairs from demo shards (``KEY.png`` + ``KEY.json`` with ``label``), in order."""
+    pairs = []
     for url in expand_urls(urls):
-        with tarfile.open(url) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(f"{url}:{key}", {})[ext] = tar.extractfile(member).read()
-    pairs = [(s["png"], json.loads(s["json"])["label"]) for s in samples.values() if "png" in s and "json" in s]
+        for sample in read_tar_samples(url):
+            fields = sample.fields() if sample.key is not None else {}
+            if "png" in fields and "json" in fields:
+                pairs.append((fields["png"], json.loads(fields["json"])["label"]))
     return pairs[:limit] if limit else pairs
 
 
@@ -71,11 +69,6 @@ def answer(pl_module: L.LightningModule, images: torch.Tensor, prompts: Sequence
     visual = model.visual_token(image=images.to(model.prefix_query.weight.device))
     model.train(was_training)
     return greedy_answers(model, pl_module.tokenizer(), visual, prompts, max_gen_len)
-
-
-def caption_names_digit(caption: str, label: int) -> bool:
-    """The stage-1 demo score: ``caption`` names exactly one digit, and it is ``label``."""
-    return digits_mentioned(caption) == {int(label)}
 
 
 class BeforeAfterAccuracy(L.Callback):

@@ -1,10 +1,9 @@
-"""The embedded demo's data: scikit-learn's 1,797 real handwritten digits as caption shards and instructions.
+"""The digits demo's training data: caption shards (stage 1) and instructions (stage 2) of the 1,797 digits.
 
-Images are the 8x8 digits (values 0–16) scaled to 0–255 grey on black, upscaled with NEAREST to
-224x224 (one original pixel = 28x28 px) and saved as RGB PNG. The train/held-out split is a fixed
-seeded permutation shared by the caption shards and the instruction files, so held-out images never
-appear in training. Both writers are idempotent: a marker file (``done_shards.json`` or
-``done_instructions.json``) with the build parameters makes later calls return the existing files.
+Images are saved as 224x224 RGB PNG (:func:`ibllm.demos.digits.pixels.digit_image`); the train / held-out
+split is :func:`ibllm.demos.digits.pixels.digit_split`, shared with stage 0. Both writers are idempotent: a
+marker file (``done_shards.json`` or ``done_instructions.json``) with the build parameters makes later calls
+return the existing files.
 """
 
 from __future__ import annotations
@@ -12,73 +11,21 @@ from __future__ import annotations
 import io
 import json
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Union
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
-NUMBER_WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty"
-).split()
+from ibllm.atomic import write_text_atomic
+from ibllm.demos.digits.captions import CAPTION_TEMPLATES, digit_caption, digit_word
+from ibllm.demos.digits.pixels import digit_image, digit_split, load_digit_pixels
+from ibllm.demos.markers import read_marker, write_marker
 
-CAPTION_TEMPLATES = (
-    "a handwritten digit {w}",
-    "a photo of the number {w}",
-    "the digit {w} written by hand",
-    "a handwritten {n}, the digit {w}",
-    "a small grey digit {w} on a black background",
-    "a blurry scan of the number {w} ({n})",
-    "an image of the handwritten number {w}",
-    "the number {w}",
-)
-
-IMAGE_SIDE = 224
 DONE_SHARDS = "done_shards.json"
 DONE_INSTRUCTIONS = "done_instructions.json"
-
-
-def digit_word(d: int) -> str:
-    """English word of a number 0–20 (``digit_word(7) == "seven"``)."""
-    return NUMBER_WORDS[d]
-
-
-def digits_mentioned(text: str) -> set[int]:
-    """Digits 0–9 that ``text`` names, as a whole word (``seven``) or a numeral (``7``)."""
-    low = text.lower()
-    found = set()
-    for d in range(10):
-        if re.search(rf"\b({digit_word(d)}|{d})\b", low):
-            found.add(d)
-    return found
-
-
-def caption_mentions_digit(text: str, d: int) -> bool:
-    """True if ``text`` names digit ``d`` (word or numeral, whole word, case-insensitive)."""
-    return d in digits_mentioned(text)
-
-
-def digit_caption(d: int, rng: random.Random) -> str:
-    """A caption for digit ``d`` from one of :data:`CAPTION_TEMPLATES`."""
-    return rng.choice(CAPTION_TEMPLATES).format(w=digit_word(d), n=d)
-
-
-def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """``(images uint8 [1797,8,8] in 0–16, labels int [1797])`` from scikit-learn (shipped, no download)."""
-    from sklearn.datasets import load_digits as _load
-
-    data = _load()
-    return data.images.astype(np.uint8), data.target.astype(np.int64)
-
-
-def digit_image(img8: np.ndarray, side: int = IMAGE_SIDE) -> Image.Image:
-    """An 8x8 digit (0–16) as an RGB PIL image, grey on black, NEAREST-upscaled to ``side``."""
-    grey = np.clip(np.rint(img8.astype(np.float32) * 255.0 / 16.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").resize((side, side), Image.NEAREST).convert("RGB")
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -86,25 +33,6 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def digit_split(n: int, seed: int = 0, heldout_fraction: float = 0.2) -> tuple[list[int], list[int]]:
-    """The demo's one train/held-out split of ``range(n)`` (shared with stage 0, :func:`ibllm.binding.digit_split`),
-    so no held-out image is seen by the towers, stage 1 or stage 2."""
-    from ibllm.binding import digit_split as split
-
-    train, held = split(seed=seed, heldout_fraction=heldout_fraction, n=n)
-    return [int(i) for i in train], [int(i) for i in held]
-
-
-def read_marker(out: Path, name: str, params: dict) -> dict | None:
-    """The JSON of marker ``out/name`` when it records exactly ``params`` (a finished build), else None."""
-    marker = out / name
-    if marker.is_file():
-        info = json.loads(marker.read_text())
-        if info.get("params") == params:
-            return info
-    return None
 
 
 @dataclass
@@ -119,10 +47,8 @@ class DigitShards:
     n_heldout: int = 0
 
 
-def _write_split(out: Path, split: str, indices: list[int], images: np.ndarray, labels: np.ndarray,
+def _write_split(out: Path, split: str, indices: np.ndarray, grey: np.ndarray, labels: np.ndarray,
                  seed: int, shard_size: int) -> tuple[list[str], str]:
-    import webdataset as wds
-
     rng = random.Random(f"{seed}-{split}")
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -130,12 +56,12 @@ def _write_split(out: Path, split: str, indices: list[int], images: np.ndarray, 
     for s, start in enumerate(range(0, len(indices), shard_size)):
         path = folder / f"{s:06d}.tar"
         with wds.TarWriter(str(path)) as sink:
-            for i in indices[start : start + shard_size]:
+            for i in indices[start : start + shard_size].tolist():
                 d = int(labels[i])
                 caption = digit_caption(d, rng)
                 sink.write({
                     "__key__": f"{i:09d}",
-                    "png": png_bytes(digit_image(images[i])),
+                    "png": png_bytes(digit_image(grey[i])),
                     "txt": caption,
                     "json": json.dumps({"label": d, "index": i, "caption": caption}),
                 })
@@ -144,27 +70,29 @@ def _write_split(out: Path, split: str, indices: list[int], images: np.ndarray, 
     return paths, pattern
 
 
-def write_digit_shards(
-    out_dir: Union[str, Path], seed: int = 0, heldout_fraction: float = 0.2, shard_size: int = 256
-) -> DigitShards:
+def write_digit_shards(out_dir: str | Path, seed: int = 0, heldout_fraction: float = 0.2,
+                       shard_size: int = 256) -> DigitShards:
     """Write the 1,797 digits as train/heldout WebDataset shards (``KEY.png`` + ``KEY.txt`` + ``KEY.json``).
 
     ``KEY.json`` holds ``{"label": d, "index": i, "caption": ...}``. Captions come from
-    :data:`CAPTION_TEMPLATES` (digit word always, numeral sometimes). Idempotent: returns the
-    existing shards when ``out_dir/done_shards.json`` records the same parameters; otherwise rebuilds.
+    :data:`ibllm.demos.digits.captions.CAPTION_TEMPLATES` (the digit's word, its numeral, or both).
+    Idempotent: returns the existing shards when ``out_dir/done_shards.json`` records the same parameters;
+    otherwise rebuilds.
     """
     out = Path(out_dir)
-    params = {"kind": "digit_shards", "seed": seed, "heldout_fraction": heldout_fraction, "shard_size": shard_size}
+    params = {"kind": "digit_shards", "seed": seed, "heldout_fraction": heldout_fraction, "shard_size": shard_size,
+              "templates": list(CAPTION_TEMPLATES)}
     if (info := read_marker(out, DONE_SHARDS, params)) is not None:
         return DigitShards(**info["result"])
     for split in ("train", "heldout"):
         shutil.rmtree(out / split, ignore_errors=True)
-    images, labels = load_digits()
-    train_idx, held_idx = digit_split(len(labels), seed, heldout_fraction)
-    train, train_pat = _write_split(out, "train", train_idx, images, labels, seed, shard_size)
-    held, held_pat = _write_split(out, "heldout", held_idx, images, labels, seed, shard_size)
+    pixels, labels = load_digit_pixels()
+    grey, labels = pixels.numpy(), labels.numpy()
+    train_idx, held_idx = digit_split(seed, heldout_fraction, len(labels))
+    train, train_pat = _write_split(out, "train", train_idx, grey, labels, seed, shard_size)
+    held, held_pat = _write_split(out, "heldout", held_idx, grey, labels, seed, shard_size)
     result = DigitShards(train, held, train_pat, held_pat, len(train_idx), len(held_idx))
-    (out / DONE_SHARDS).write_text(json.dumps({"params": params, "result": asdict(result)}, indent=1))
+    write_marker(out, DONE_SHARDS, params, asdict(result))
     return result
 
 
@@ -219,9 +147,8 @@ class DigitInstructions:
     counts: dict = field(default_factory=dict)
 
 
-def write_digit_instructions(
-    out_dir: Union[str, Path], seed: int = 0, heldout_fraction: float = 0.2, max_images: int | None = 600
-) -> DigitInstructions:
+def write_digit_instructions(out_dir: str | Path, seed: int = 0, heldout_fraction: float = 0.2,
+                             max_images: int | None = 600) -> DigitInstructions:
     """Write a small instruction set about the digits, split train/heldout with the shard split.
 
     LLaVA-format JSON (``image`` relative to ``out_dir``, ``conversations`` human/gpt, 2–3 turns:
@@ -230,11 +157,13 @@ def write_digit_instructions(
     ``max_images`` caps the image items (None = all 1,797). Idempotent via ``out_dir/done_instructions.json``.
     """
     out = Path(out_dir)
-    params = {"kind": "digit_instructions", "seed": seed, "heldout_fraction": heldout_fraction, "max_images": max_images}
+    params = {"kind": "digit_instructions", "seed": seed, "heldout_fraction": heldout_fraction,
+              "max_images": max_images, "templates": list(CAPTION_TEMPLATES)}
     if (info := read_marker(out, DONE_INSTRUCTIONS, params)) is not None:
         return DigitInstructions(**info["result"])
-    images, labels = load_digits()
-    train_idx, held_idx = digit_split(len(labels), seed, heldout_fraction)
+    pixels, labels = load_digit_pixels()
+    grey, labels = pixels.numpy(), labels.numpy()
+    train_idx, held_idx = (a.tolist() for a in digit_split(seed, heldout_fraction, len(labels)))
     rng = random.Random(seed)
     if max_images is not None:
         n_held = int(round(max_images * heldout_fraction))
@@ -248,11 +177,11 @@ def write_digit_instructions(
         for i in idx:
             d = int(labels[i])
             rel = f"images/{i:05d}.png"
-            digit_image(images[i]).save(out / rel)
+            digit_image(grey[i]).save(out / rel)
             items.append({"id": f"digit-{i:05d}", "image": rel, "label": d,
                           "conversations": _image_conversation(d, rng, digit_caption(d, rng))})
         path = out / f"llava_{split}.json"
-        path.write_text(json.dumps(items, indent=1))
+        write_text_atomic(path, json.dumps(items, indent=1))
         setattr(result, f"llava_{split}", str(path))
         result.counts[f"llava_{split}"] = len(items)
     text_items = number_instructions()
@@ -260,8 +189,8 @@ def write_digit_instructions(
     n_held = int(round(len(text_items) * heldout_fraction))
     for split, items in (("train", text_items[n_held:]), ("heldout", text_items[:n_held])):
         path = out / f"alpaca_{split}.json"
-        path.write_text(json.dumps(items, indent=1))
+        write_text_atomic(path, json.dumps(items, indent=1))
         setattr(result, f"alpaca_{split}", str(path))
         result.counts[f"alpaca_{split}"] = len(items)
-    (out / DONE_INSTRUCTIONS).write_text(json.dumps({"params": params, "result": asdict(result)}, indent=1))
+    write_marker(out, DONE_INSTRUCTIONS, params, asdict(result))
     return result

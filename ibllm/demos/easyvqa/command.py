@@ -7,7 +7,7 @@
   the stage-1 crop augmentation; ``ROOT/encoder.json`` reports the zero-shot 24-way accuracy on the test
   images (and per attribute);
 * ``ROOT/shards/train/*.tar`` — stage-1 caption shards; ``ROOT/instructions/llava_train.json`` — every
-  train question for stage 2 (:mod:`datamodules.easyvqa_data`).
+  train question for stage 2 (:mod:`ibllm.demos.easyvqa.data`).
 
 Then ``make eval`` trains stage 1 (``experiments/easyvqa_pretrain.yaml``) and stage 2
 (``experiments/easyvqa_finetune.yaml``) and runs ``python -m ibllm easyvqa evaluate``: every test question
@@ -21,152 +21,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import Tensor
-
-from datamodules.easyvqa_data import CAPTION_TEMPLATES, COLORS, SHAPES, class_captions, class_index, labelled_split
-from ibllm.atomic import write_bytes_atomic
-from ibllm.binding import (
-    DemoEncoder,
-    DemoRecipe,
-    EpochSampler,
-    bind_towers,
-    branch_logit_scale,
-    existing_encoder_info,
-    info_path_for,
-    model_embed,
-    sample_class_captions,
-    save_state_dict,
-)
-from ibllm.models.imagebind import ImageBindModel
+from ibllm.atomic import write_text_atomic
+from ibllm.demos.easyvqa.data import COLORS, write_easyvqa_instructions, write_easyvqa_shards
+from ibllm.demos.easyvqa.towers import EasyVQARecipe, build_easyvqa_encoder
+from ibllm.distributed import shutdown_process_group
+from ibllm.evaluation.readers import DataError
+from ibllm.cli.evaluate import build_parser, run
+from ibllm.evaluation.vqa import vqa_accuracy
 
 DEFAULT_ROOT = Path("data/easyvqa")
-
-
-@dataclass
-class EasyVQARecipe(DemoRecipe):
-    """Everything that determines the easy-VQA towers (its hash names the file's content)."""
-
-    dataset: str = "easy-vqa"
-    steps: int = 400
-    templates: tuple[str, ...] = CAPTION_TEMPLATES
-
-
-def load_split_images(split: str) -> tuple[list[Image.Image], Tensor]:
-    """The labelled images of an easy-VQA split (RGB, in memory) and their 24-way classes ``[N]``."""
-    from ibllm.processing.image import open_rgb
-
-    items, paths = labelled_split(split)
-    images = [open_rgb(paths[image_id]) for image_id, _, _ in items]
-    return images, torch.tensor([class_index(color, shape) for _, color, shape in items])
-
-
-class ShapeBinding:
-    """:class:`ibllm.binding.BindingTask` on easy-VQA: RGB images (the stage-1 transform) against captions
-    naming colour and shape; all same-class pairs are positives, duplicate captions merged."""
-
-    def __init__(self, images: Sequence[Image.Image], labels: Tensor, templates: Sequence[str] = CAPTION_TEMPLATES,
-                 augment: bool = True) -> None:
-        from ibllm.processing.clip_tokenizer import tokenize
-
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = list(images)
-        self.labels = labels.long()
-        self.augment = augment
-        captions = [c for t in templates for c in class_captions(t)]  # [template][class]
-        self.tokens = tokenize(captions).view(len(templates), len(COLORS) * len(SHAPES), -1).transpose(0, 1)
-        self._sampler = EpochSampler(len(self.labels))
-
-    def train_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        from ibllm.processing.image import image_transform
-
-        idx = self._sampler.next(batch_size, generator)
-        pixels = torch.stack([image_transform(self.images[i], train=self.augment, generator=generator)
-                              for i in idx.tolist()])
-        tokens, mask = sample_class_captions(self.tokens, self.labels[idx], generator)
-        return pixels, tokens, mask
-
-    def embed(self, model: ImageBindModel, branch: str, x: Tensor) -> Tensor:
-        return model_embed(model, branch, x)
-
-
-def shape_eval_fn(images: Sequence[Image.Image], labels: Tensor,
-                  chunk: int = 128) -> Callable[[ImageBindModel], dict[str, float]]:
-    """An ``eval_fn``: zero-shot accuracy over the 24 ``a {colour} {shape}`` prompts on the inference view
-    (``acc``), and of the colour (``color_acc``) and shape (``shape_acc``) that prediction names."""
-    from ibllm.processing.clip_tokenizer import tokenize
-    from ibllm.processing.image import image_transform
-
-    @torch.no_grad()
-    def evaluate(model: ImageBindModel) -> dict[str, float]:
-        text = F.normalize(model.encode("text", tokenize(class_captions(CAPTION_TEMPLATES[0])))[0].float(), dim=-1)
-        preds = []
-        for start in range(0, len(images), chunk):
-            pixels = torch.stack([image_transform(img, train=False) for img in images[start:start + chunk]])
-            preds.append((model_embed(model, "vision", pixels) @ text.t()).argmax(dim=1))
-        pred = torch.cat(preds)
-        n_shapes = len(SHAPES)
-        return {"acc": (pred == labels).float().mean().item(),
-                "color_acc": (pred // n_shapes == labels // n_shapes).float().mean().item(),
-                "shape_acc": (pred % n_shapes == labels % n_shapes).float().mean().item()}
-
-    return evaluate
-
-
-def build_easyvqa_encoder(out_path: str | Path, recipe: EasyVQARecipe | None = None, *, force: bool = False,
-                          progress: bool = True) -> DemoEncoder:
-    """Train (or reuse) the easy-VQA towers: ``demo`` preset vision + text, bound on the train images.
-
-    Writes ``out_path`` (ImageBind-layout vision + text state dict, atomically) and ``<stem>.json`` with the
-    recipe, its hash, zero-shot accuracies on the labelled test images and the file's sha256. Idempotent like
-    :func:`ibllm.binding.build_demo_encoder`; ``force`` retrains.
-    """
-    recipe = recipe or EasyVQARecipe()
-    out_path = Path(out_path)
-    info_path = info_path_for(out_path)
-    if not force and (info := existing_encoder_info(out_path, info_path, recipe.digest())) is not None:
-        return DemoEncoder(out_path, info_path, info, trained=False)
-    train_images, train_labels = load_split_images("train")
-    test_images, test_labels = load_split_images("test")
-    task = ShapeBinding(train_images, train_labels, recipe.templates, augment=recipe.augment)
-    start = time.perf_counter()
-    model, history = bind_towers("vision", "text", recipe.cfg, None, task, **recipe.bind_kwargs(), progress=progress)
-    test = shape_eval_fn(test_images, test_labels)(model)
-    info: dict[str, Any] = {
-        "recipe": dataclasses.asdict(recipe),
-        "recipe_hash": recipe.digest(),
-        "config": recipe.cfg,
-        "modalities": ["vision", "text"],
-        "data": {"n_train_images": len(train_images), "n_test_images": len(test_images),
-                 "labels": "colour and shape read off each image's own questions"},
-        # ``heldout_centre`` is the key DemoEncoder.accuracy reads: here the test images' 24-way accuracy.
-        "accuracy": {"heldout_centre": test["acc"], "test": test},
-        "zero_shot_prompt": CAPTION_TEMPLATES[0],
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "final_loss": float(np.mean(history.loss[-20:])),
-        "text_logit_scale": branch_logit_scale(model, "vision", "text").item(),
-        "torch": torch.__version__,
-    }
-    info["sha256"] = save_state_dict(model.state_dict(), out_path)
-    write_bytes_atomic(info_path, json.dumps(info, indent=1).encode())
-    return DemoEncoder(out_path, info_path, info, trained=True)
 
 
 def prepare_easyvqa(root: str | Path = DEFAULT_ROOT, seed: int = 0, stage0_steps: int | None = None,
                     force: bool = False, progress: bool = True, balance_yes_no: bool = False) -> dict[str, str]:
     """Build every easy-VQA demo asset under ``root`` (idempotent) and return their paths."""
-    from datamodules.easyvqa_data import write_easyvqa_instructions, write_easyvqa_shards
-
     root = Path(root)
     shards = write_easyvqa_shards(root / "shards", seed=seed)
     instructions = write_easyvqa_instructions(root / "instructions", seed=seed, balance=balance_yes_no)
@@ -199,9 +70,6 @@ def evaluate_easyvqa(checkpoint: str, out: str | Path = DEFAULT_EVAL_DIR, extra:
 
     Returns ``{"easyvqa_accuracy": fraction, "easyvqa_mme_style_score": score out of 200}``.
     """
-    from ibllm.atomic import write_text_atomic
-    from ibllm.evaluation.runner import build_parser, run
-
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"no checkpoint {checkpoint}: train first (make eval does both stages)")
     results = {}
@@ -229,8 +97,6 @@ def evaluate_easyvqa(checkpoint: str, out: str | Path = DEFAULT_EVAL_DIR, extra:
 
 def accuracy_by_answer_type(answers_file: Path) -> dict[str, tuple[float, int]]:
     """``{"yes/no" | "colour" | "shape": (accuracy in [0, 1], count)}`` of an easy-VQA answers file."""
-    from ibllm.evaluation.vqa import vqa_accuracy
-
     groups: dict[str, tuple[list[str], list[list[str]]]] = {}
     for row in json.loads(answers_file.read_text())["answers"]:
         truth = row["answers"][0]
@@ -264,8 +130,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     if extra and args.action == "prepare":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from ibllm.evaluation.readers import DataError
-
     try:
         if args.action == "prepare":
             prepare_easyvqa(args.root, args.seed, args.stage0_steps, force=args.force, progress=not args.quiet,
@@ -274,8 +138,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         scores = evaluate_easyvqa(args.checkpoint, args.out, extra)
     except (DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    from ibllm.distributed import shutdown_process_group
-
     shutdown_process_group()
     for name, value in scores.items():
         print(f"{name}: {value:.2f}", flush=True)

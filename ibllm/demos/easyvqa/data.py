@@ -24,7 +24,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from datamodules.demo_data import read_marker
+import webdataset as wds
+
+from ibllm.atomic import write_text_atomic
+from ibllm.demos.markers import read_marker, write_marker
+from ibllm.evaluation.readers import easy_vqa_split, mme_question
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES: tuple[str, ...] = ("circle", "rectangle", "triangle")
@@ -93,8 +97,6 @@ def shape_caption(color: str, shape: str, rng: random.Random) -> str:
 
 def labelled_split(split: str) -> tuple[list[tuple[int, str, str]], dict[int, str]]:
     """``([(image_id, colour, shape)] sorted by id, {image_id: png path})`` of an easy-VQA split."""
-    from ibllm.evaluation.readers import easy_vqa_split
-
     questions, paths = easy_vqa_split(split)
     labels = image_attributes(questions)
     return [(i, *labels[i]) for i in sorted(labels)], paths
@@ -113,8 +115,6 @@ def write_easyvqa_shards(out_dir: str | Path, seed: int = 0, shard_size: int = 1
                          max_images: int | None = None) -> EasyVQAShards:
     """Write the labelled easy-VQA train images (the first ``max_images``; None = all) as caption shards
     under ``out_dir/train`` (idempotent)."""
-    import webdataset as wds
-
     out = Path(out_dir)
     params = {"kind": "easyvqa_shards", "seed": seed, "shard_size": shard_size, "max_images": max_images,
               "templates": list(CAPTION_TEMPLATES)}
@@ -137,7 +137,7 @@ def write_easyvqa_shards(out_dir: str | Path, seed: int = 0, shard_size: int = 1
         written.append(str(path))
     pattern = str(folder / (f"{{000000..{len(written) - 1:06d}}}.tar" if len(written) > 1 else "000000.tar"))
     result = EasyVQAShards(written, pattern, len(items))
-    (out / DONE_SHARDS).write_text(json.dumps({"params": params, "result": asdict(result)}, indent=1))
+    write_marker(out, DONE_SHARDS, params, asdict(result))
     return result
 
 
@@ -186,8 +186,6 @@ def write_easyvqa_instructions(out_dir: str | Path, seed: int = 0, mme_style_fra
     questions from the question alone; balanced, 400 steps do not get past chance on them (README).
     ``max_images`` keeps the first N images' questions.
     """
-    from ibllm.evaluation.readers import easy_vqa_split, mme_question
-
     if not 0.0 <= mme_style_fraction <= 1.0:
         raise ValueError(f"mme_style_fraction must be in [0, 1], got {mme_style_fraction}")
     out = Path(out_dir)
@@ -217,7 +215,7 @@ def write_easyvqa_instructions(out_dir: str | Path, seed: int = 0, mme_style_fra
     if balance:
         items = balance_yes_no(items, answers, texts, rng)
     path = out / "llava_train.json"
-    path.write_text(json.dumps(items, indent=0))
+    write_text_atomic(path, json.dumps(items, indent=0))
     result = EasyVQAInstructions(str(path), len(items), n_questions, n_mme, len(keep))
-    (out / DONE_INSTRUCTIONS).write_text(json.dumps({"params": params, "result": asdict(result)}, indent=1))
+    write_marker(out, DONE_INSTRUCTIONS, params, asdict(result))
     return result
