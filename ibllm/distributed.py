@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from ibllm.checkpoints.adapters import base_fingerprint
-from ibllm.checkpoints.io import SHARDED_META_FILE, CheckpointError
+from ibllm.checkpoints.io import CheckpointError
+from ibllm.checkpoints.sharded import SafeFileSystemReader, read_sharded_meta, safe_dcp_load
 from ibllm.models.llama import AdapterState, Attention
 
 log = logging.getLogger(__name__)
@@ -226,11 +227,10 @@ class FSDP2Strategy(_strategy_base()):
 def load_sharded_trainable(path: Path, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
     """Load the tensors a sharded checkpoint holds into ``module`` (others keep their values), then the
     optimizer states; return the remaining metadata (loops, callbacks, hparams, ``ibllm``)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_optimizer_state_dict)
 
-    reader = dcp.FileSystemReader(str(path))
+    reader = SafeFileSystemReader(str(path))
     stored = {key.removeprefix("state_dict."): key for key in reader.read_metadata().state_dict_metadata
               if key.startswith("state_dict.")}
     full = get_model_state_dict(module)
@@ -238,12 +238,12 @@ def load_sharded_trainable(path: Path, module: nn.Module, optimizers: Sequence[t
     if unknown:
         raise CheckpointError(f"{path}: checkpoint keys the model does not have: {unknown[:5]}")
     wanted = {"state_dict": {k: v for k, v in full.items() if k in stored}}
-    dcp.load(wanted, checkpoint_id=str(path))
+    safe_dcp_load(wanted, path)
     module.load_state_dict(wanted["state_dict"], strict=False)
     for index, optimizer in enumerate(optimizers):
         key = f"optimizer_{index}"
         optim_state = {key: get_optimizer_state_dict(module, optimizer)}
-        dcp.load(optim_state, checkpoint_id=str(path))
+        safe_dcp_load(optim_state, path)
         set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
                                  options=StateDictOptions(cpu_offload=True))
-    return torch.load(path / SHARDED_META_FILE, weights_only=False, map_location="cpu")
+    return read_sharded_meta(path)

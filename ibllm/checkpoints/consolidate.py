@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ibllm.checkpoints.adapters import Adapter, add_stage1
 from ibllm.checkpoints.export import export, export_official, export_safetensors
-from ibllm.checkpoints.io import SHARDED_META_FILE, CheckpointError, safe_load
+from ibllm.checkpoints.io import SHARDED_META_FILE, CheckpointError
+from ibllm.checkpoints.sharded import SafeFileSystemReader, read_sharded_meta, safe_dcp_load
 from ibllm.tuning import is_trainable
 
 
@@ -32,25 +33,27 @@ def read_sharded_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[s
     p = Path(path)
     if not p.is_dir() or not (p / ".metadata").is_file():
         raise CheckpointError(f"{p}: not a sharded checkpoint folder (no .metadata file)")
-    reader = dcp.FileSystemReader(str(p))
+    reader = SafeFileSystemReader(str(p))
+    entries = reader.read_metadata().state_dict_metadata  # refuses anything but DCP metadata classes
     try:
         # A template of full-size tensors for the model keys only (optimizer states are not read).
-        entries = reader.read_metadata().state_dict_metadata
         tensors = {key.removeprefix("state_dict."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
                    for key, m in entries.items()
                    if key.startswith("state_dict.") and isinstance(m, TensorStorageMetadata)}
         template = {"state_dict": tensors}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(template, storage_reader=reader, no_dist=True)
-    except Exception as e:  # corrupt / partial folders: one clear message
+            safe_dcp_load(template, p, no_dist=True)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # corrupt / partial folders: one clear message
         raise CheckpointError(f"{p}: cannot read the sharded checkpoint ({type(e).__name__}: {e})") from e
     state = {k.removeprefix("model."): v for k, v in tensors.items() if isinstance(v, Tensor)}
     if not state:
         raise CheckpointError(f"{p}: the sharded checkpoint holds no model tensors")
     meta: dict[str, Any] = {}
     if (p / SHARDED_META_FILE).is_file():
-        raw = safe_load(p / SHARDED_META_FILE, "checkpoint metadata", mmap=False)
+        raw = read_sharded_meta(p)
         meta = dict(raw.get("ibllm") or {})
         hp = raw.get("hyper_parameters") or {}
         meta.setdefault("init_from", hp.get("init_from"))
