@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from ibllm.checkpoints.adapters import (VISUAL_WV, Adapter, BaseModelMismatch, adapter_dims, base_fingerprint,
-                                        infer_imagebind, load_checked)
+                                        check_loadable, infer_imagebind, load_checked)
 from ibllm.checkpoints.io import CheckpointError
+from ibllm.checkpoints.lazy import LazyWeights, open_llama
 from ibllm.checkpoints.llama import load_llama
 from ibllm.checkpoints.meta import load_meta_llama
 from ibllm.checkpoints.official import official_to_ours
 from ibllm.config import LLAMA_PRESETS, ImageBindConfig, LLaMAConfig, imagebind_preset, llama_preset
+from ibllm.meta_init import InitRecord, assign_full, materialise
 from ibllm.models.ibllm import ImageBindLLM
 from ibllm.models.imagebind import build_imagebind, load_imagebind
 from ibllm.models.merge import install_visual_wv, unwrap_lora
@@ -81,21 +84,29 @@ def load_tokenizer_for(source: str, tokenizer: str | Path | None = None) -> Any:
     return load_tokenizer(path)
 
 
-def load_llama_weights(model: ImageBindLLM, state: dict[str, Tensor], source: str = "<state dict>") -> None:
-    """Copy Meta-named base weights into ``model.llama`` (peft ``base_layer`` names via the one naming map).
-
-    Every base weight of the model must be provided with the right shape; extra keys are errors.
-    """
-    renamed = official_to_ours({f"llama.{k}": v for k, v in state.items()}, lora=model.stage == "finetune")
-    required = {k for k in model.state_dict() if k.startswith("llama.") and "lora_" not in k
-                and not k.endswith((".gate", ".bias"))}
+def base_weight_names(model: ImageBindLLM, state: Mapping[str, Tensor], source: str) -> dict[str, str]:
+    """Our name -> Meta name of every base weight in ``state`` (peft ``base_layer`` names via the one naming
+    map), after checking that the model needs each one, with its shape, and gets all it needs."""
+    renamed = official_to_ours({f"llama.{k}": k for k in state}, lora=model.stage == "finetune")
+    own = model.state_dict(keep_vars=True)
+    required = {k for k in own if k.startswith("llama.") and "lora_" not in k and not k.endswith((".gate", ".bias"))}
     if model.cfg.tie_embeddings:
         required.discard("llama.output.weight")
     unexpected = sorted(set(renamed) - required - {"llama.output.weight"})
     if unexpected:
         raise CheckpointError(f"{source}: LLaMA weights do not match the model (unexpected: {unexpected[:5]}"
                               f"{'...' if len(unexpected) > 5 else ''})")
-    load_checked(model, renamed, source, required)
+    check_loadable(own, {ours: state[meta] for ours, meta in renamed.items()}, source, required)
+    return renamed
+
+
+def load_llama_weights(model: ImageBindLLM, state: dict[str, Tensor], source: str = "<state dict>") -> None:
+    """Copy Meta-named base weights into ``model.llama`` (names and checks: :func:`base_weight_names`).
+
+    Every base weight of the model must be provided with the right shape; extra keys are errors.
+    """
+    names = base_weight_names(model, state, source)
+    load_checked(model, {ours: state[meta] for ours, meta in names.items()}, source)
 
 
 def build_encoder(preset: str | ImageBindConfig, weights: str | None = None,
@@ -124,6 +135,63 @@ def build_model(llm: str, stage: str, imagebind: str | None = "tiny", imagebind_
     if state is not None:
         load_llama_weights(model, state, str(resolve_llm_path(llm)))
     return model
+
+
+@dataclass
+class DeferredModel:
+    """What a model built on the meta device (:func:`build_model_on_meta`) needs to become real: the recorded
+    initialisation, parameter name -> recorded storage, and the lazily read base weights (our name -> Meta name)."""
+
+    record: InitRecord
+    sources: dict[str, int]
+    base: LazyWeights | None = None
+    base_names: dict[str, str] = field(default_factory=dict)
+
+
+def build_model_on_meta(llm: str, stage: str, imagebind: str | None = "tiny", imagebind_weights: str | None = None,
+                        modalities: Sequence[str] = ("vision",), seed: int = 0) -> tuple[ImageBindLLM, DeferredModel]:
+    """:func:`build_model` with the LLaMA, LoRA, bind network and prefix queries on the meta device (no storage)
+    and the encoder built for real; shard the result, then :func:`finish_on_meta` gives each rank its values.
+
+    The base weights are only opened (memory-mapped / read per tensor later); their names and shapes are
+    checked here, as :func:`build_model` checks them.
+    """
+    torch.manual_seed(seed)
+    encoder = build_encoder(imagebind, imagebind_weights, modalities) if imagebind and modalities else None
+    overrides = {}
+    if imagebind:
+        overrides["visual_dim"] = (imagebind_preset(imagebind) if isinstance(imagebind, str) else imagebind).out_embed_dim
+    path = resolve_llm_path(llm)
+    base = None
+    if path is None:
+        cfg = llama_preset(llm, **overrides)
+    else:
+        cfg, base = open_llama(path)
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+    with torch.device("meta"), InitRecord() as record:
+        model = ImageBindLLM(cfg, stage=stage, encoder=encoder)
+    deferred = DeferredModel(record, record.sources(model), base)
+    if base is not None:
+        deferred.base_names = base_weight_names(model, base.stand_ins(), str(path))
+    return model, deferred
+
+
+def finish_on_meta(model: nn.Module, deferred: DeferredModel, device: torch.device | str = "cpu") -> None:
+    """Give every meta tensor of ``model`` (sharded or not) storage on ``device`` and its value: base weights
+    from the file (each rank reads its own rows), everything else as :func:`build_model` initialises it."""
+    materialise(model, device, skip=("image_bind",))
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+
+    def deliver(names: list[str], value: Tensor) -> None:
+        for name in names:
+            assign_full(tensors[name], value)
+
+    wanted = [name for name in deferred.sources if name not in deferred.base_names]
+    deferred.record.replay(deferred.sources, wanted, deliver)
+    for ours, meta in deferred.base_names.items():
+        assign_full(tensors[ours], deferred.base[meta])
 
 
 def build_from_adapter(ad: Adapter | None, llama: str | Path | None = None, imagebind: str | Path | None = None,

@@ -127,7 +127,8 @@ def shard_model(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = t
         mesh = mesh["data_parallel"]
     if _is_sharded(model):
         return model
-    base_fingerprint(model)  # cached while the weights are whole (checkpoints record it)
+    if not any(p.is_meta for p in model.parameters()):
+        base_fingerprint(model)  # cached while the weights are whole (checkpoints record it)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     kwargs = {"mesh": mesh, "mp_policy": policy}
     llama = model.llama

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ibllm import tuning
-from ibllm.build import build_model, load_tokenizer_for
+from ibllm.build import build_model, build_model_on_meta, finish_on_meta, load_tokenizer_for
 from ibllm.checkpoints.adapters import base_fingerprint, load_trainable
 from ibllm.models.ibllm import ImageBindLLM, lm_loss
 from ibllm.processing.shards import SkipTally
@@ -41,6 +41,8 @@ class ImageBindLLMModule(L.LightningModule):
         sample_every_n_steps: log a few greedy generations to TensorBoard every N steps (0 = off).
         activation_checkpointing: under FSDP2 (``ibllm.distributed.FSDP2Strategy``), recompute each LLaMA
             block's activations in backward (see the README's memory plan).
+        meta_init: under FSDP2, build the LLaMA and bind network on the meta device and give each rank only its
+            shards (base weights memory-mapped); False builds the whole model on every rank first.
     """
 
     stage: str = "finetune"
@@ -51,7 +53,7 @@ class ImageBindLLMModule(L.LightningModule):
                  weight_decay: float = 0.05, warmup_steps: int = 0, warmup_fraction: float | None = None,
                  min_lr: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), frozen_dtype: str = "float32",
                  sample_every_n_steps: int = 0, sample_max_gen_len: int = 24, seed: int = 0,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, meta_init: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: ImageBindLLM | None = None
@@ -67,12 +69,30 @@ class ImageBindLLMModule(L.LightningModule):
             return
         hp = self.hparams
         modalities = ["vision"] if hp.modalities is None else list(hp.modalities)
+        if getattr(self, "_device_mesh", None) is not None and hp.get("meta_init", True):
+            self._build_sharded(modalities)
+            return
         self.model = build_model(hp.llm, self.stage, hp.imagebind, hp.imagebind_weights, modalities, hp.seed)
         if hp.init_from:
             load_trainable(self.model, hp.init_from)
         if hp.frozen_dtype != "float32":
             tuning.cast_frozen(self.model, getattr(torch, hp.frozen_dtype))
         self._shard_if_distributed()
+
+    def _build_sharded(self, modalities: list[str]) -> None:
+        """Build on the meta device, shard, then let each rank materialise and load only its shards (values equal
+        to the one-process build's; the base file is memory-mapped / read per tensor)."""
+        hp = self.hparams
+        model, deferred = build_model_on_meta(hp.llm, self.stage, hp.imagebind, hp.imagebind_weights, modalities,
+                                              hp.seed)
+        if hp.frozen_dtype != "float32":
+            tuning.cast_frozen(model, getattr(torch, hp.frozen_dtype))
+        self.model = model
+        self._shard_if_distributed()
+        finish_on_meta(model, deferred, self.trainer.strategy.root_device)
+        if hp.init_from:
+            load_trainable(model, hp.init_from)
+        base_fingerprint(model)  # collective under FSDP: every rank gathers the slices it hashes
 
     def _shard_if_distributed(self) -> None:
         """Under ModelParallelStrategy (a device mesh is set): FSDP2-shard the model (idempotent)."""

@@ -33,6 +33,7 @@ FLOORS: dict[str, tuple[str, ...]] = {  # bottom up; fnmatch patterns on dotted 
                *tree("ibllm.processing"), *tree("ibllm.tokenizer"), *tree("ibllm.atomic"), *tree("ibllm.files")),
     "machinery": (*tree("ibllm.lit"), *tree("ibllm.build"), *tree("ibllm.checkpoints"), *tree("ibllm.distributed"),
                   "ibllm.cache*", *tree("ibllm.features"), *tree("ibllm.stage0"), *tree("ibllm.evaluation"),
+                  *tree("ibllm.meta_init"),
                   *tree("ibllm.slurm"), *tree("datamodules"), *tree("callbacks")),
     "applications": ("ibllm", "ibllm.__main__", *tree("ibllm.api"), *tree("ibllm.cli"), *tree("ibllm.web"),
                      *tree("ibllm.server"), *tree("ibllm.demos")),

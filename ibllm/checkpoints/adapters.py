@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ibllm.checkpoints.io import CheckpointError, PathLike, preview, safe_load
 from ibllm.checkpoints.official import load_official_adapter, official_to_ours
 from ibllm.config import IMAGEBIND_PRESETS
+from ibllm.meta_init import assign_full
 from ibllm.models.imagebind.encoder import _strip_prefix, imagebind_summary, key_modality, read_state_dict
 from ibllm.models.llama import base_linear
 from ibllm.tuning import is_trainable
@@ -283,7 +284,18 @@ def load_checked(model: nn.Module, state: Mapping[str, Tensor], source: str, req
     A key the model does not have, a tensor whose shape differs from the model's, or a key of
     ``required`` that ``state`` lacks raises :class:`CheckpointError` naming ``source``.
     """
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)
+    check_loadable(own, state, source, required)
+    if any(hasattr(own[key], "device_mesh") for key in state):  # sharded (DTensor) model: each rank its slice
+        for key, t in state.items():
+            assign_full(own[key], t)
+        return
+    model.load_state_dict(dict(state), strict=False)
+
+
+def check_loadable(own: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str,
+                   required: Iterable[str] = ()) -> None:
+    """The checks of :func:`load_checked` against the model tensors ``own`` (only shapes are read)."""
     unexpected = sorted(k for k in state if k not in own)
     missing = sorted(k for k in required if k not in state)
     if unexpected or missing:
@@ -294,7 +306,6 @@ def load_checked(model: nn.Module, state: Mapping[str, Tensor], source: str, req
         if tuple(t.shape) != tuple(own[key].shape):
             raise CheckpointError(f"{source}: key {key!r} has shape {list(t.shape)}, the model expects "
                                   f"{list(own[key].shape)}")
-    model.load_state_dict(dict(state), strict=False)
 
 
 def load_trainable(model: nn.Module, path: PathLike) -> Adapter:
