@@ -19,7 +19,7 @@ PARTS = ["parity", "train_plain", "train_fsdp", "decode", "encoder", "plan", "fa
 def run_check(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     """Run the check on the CPU; return the process and the report from its last line (equal to the file)."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(out), *args], capture_output=True,
-                          text=True, timeout=800, cwd=ROOT)
+                          text=True, timeout=850, cwd=ROOT)
     lines = proc.stdout.strip().splitlines()
     assert lines and lines[-1].startswith("gpu_check: "), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(lines[-1].removeprefix("gpu_check: "))
