@@ -5,6 +5,7 @@ request made through the Python API; concurrent clients must get the answers seq
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ibllm
@@ -94,8 +96,22 @@ def tiny(tmp_path_factory, sp_model):
 
 
 @pytest.fixture(scope="module")
-def model(tiny):
-    return ibllm.load(adapter=tiny["stage2"])
+def cache_dir(tiny) -> Path:
+    """A small visual cache (40 random unit vectors of the tiny encoder's width)."""
+    from ibllm.cache_build.index import build_index
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((40, 32)).astype("float32")
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    out = tiny["root"] / "cache"
+    build_index(emb, [f"s:{i}" for i in range(40)], out=out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tiny, cache_dir):
+    """The served model in this process, with the same visual cache (on by default, as in the server)."""
+    return ibllm.load(adapter=tiny["stage2"], cache=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +126,9 @@ def media(tiny) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny, media, tmp_path_factory):
-    srv = ApiServer(["--adapter", str(tiny["stage2"]), "--media-dir", str(media), "--max-body-mb", "1",
-                     "--api-key", KEY], tmp_path_factory.mktemp("api_home"))
+def server(tiny, media, cache_dir, tmp_path_factory):
+    srv = ApiServer(["--adapter", str(tiny["stage2"]), "--cache", str(cache_dir), "--media-dir", str(media),
+                     "--max-body-mb", "1", "--api-key", KEY], tmp_path_factory.mktemp("api_home"))
     yield srv
     srv.stop()
 
@@ -275,6 +291,19 @@ def test_image_and_audio_inputs(server, model, tiny, media):
 
 
 @pytest.mark.system
+def test_visual_cache_switch_and_constants(server, model, tiny):
+    c, img = server.client(), str(tiny["image"])
+    off = ask(c, [user(Q1, data_url(tiny["image"]))], extra_body={"visual_cache": {"enabled": False}})
+    assert off.choices[0].message.content == model.session({"image": img}, cache=None).send(Q1, temperature=0.0,
+                                                                                            max_gen_len=12)
+    tuned = copy.copy(model.cache)
+    tuned.k, tuned.weight = 3, 0.9
+    on = ask(c, [user(Q1, data_url(tiny["image"]))], extra_body={"visual_cache": {"k": 3, "weight": 0.9}})
+    assert on.choices[0].message.content == model.session({"image": img}, cache=tuned).send(Q1, temperature=0.0,
+                                                                                           max_gen_len=12)
+
+
+@pytest.mark.system
 def test_concurrent_clients_get_the_sequential_answers(server):
     c = server.client()
     msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
@@ -315,8 +344,7 @@ def test_bad_requests_get_openai_errors(server, tiny):
         (msgs + [{"role": "assistant", "content": "x"}], {}, "last message must be from the user"),
         (msgs, {"temperature": -1}, "temperature"),
         ([user(Q1, {"type": "file", "file": {}})], {}, "messages.0.content.1: Input tag 'file'"),
-        ([user(Q1, data_url(tiny["image"]))], {"extra_body": {"visual_cache": {"enabled": True}}},
-         "no visual cache is loaded"),
+        ([user(Q1, data_url(tiny["image"]))], {"extra_body": {"visual_cache": {"k": 0}}}, "visual_cache.k"),
     ]
     for messages, extra, needle in cases:
         with pytest.raises(openai.BadRequestError, match=needle):
@@ -335,7 +363,7 @@ def test_bad_requests_get_openai_errors(server, tiny):
 
 
 @pytest.mark.system
-def test_full_queue_timeout_and_disconnect(slow_server):
+def test_full_queue_timeout_and_disconnect(slow_server, tiny):
     c = slow_server.client()
     msgs = [{"role": "user", "content": Q1}]
     with ThreadPoolExecutor(1) as pool:
@@ -355,6 +383,8 @@ def test_full_queue_timeout_and_disconnect(slow_server):
     assert h["timed_out"] == 1 and h["completed"] == 0 and h["queued"] == 0
     with pytest.raises(openai.BadRequestError, match="without --media-dir"):
         ask(c, [user(Q1, {"type": "image_url", "image_url": {"url": "a.png"}})])
+    with pytest.raises(openai.BadRequestError, match="no visual cache is loaded"):
+        ask(c, [user(Q1, data_url(tiny["image"]))], extra_body={"visual_cache": {"enabled": True}})
 
 
 @pytest.mark.system

@@ -28,7 +28,8 @@ Extension fields (top level; with the ``openai`` client pass them in ``extra_bod
 * ``modality_weights``: ``{"image": 0.6, "audio": 0.4}`` (default 1.0 each; the mix is normalised by
   their sum);
 * ``visual_cache``: ``{"enabled": true, "k": 10, "temperature": 20, "weight": 0.5}`` (constants left out
-  take the browser demo's defaults; without the field the cache is on whenever the server loaded one).
+  keep the loaded cache's values, by default 10 / 20 / 0.5; without the field the cache is on, as loaded,
+  whenever the server was started with ``--cache``).
 
 How messages map onto the project's multi-turn template and which media policy applies:
 :mod:`ibllm.server.messages`. How concurrent requests are batched: :mod:`ibllm.server.scheduler`.

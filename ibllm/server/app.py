@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
@@ -20,7 +21,6 @@ from ibllm.server.messages import prepare
 from ibllm.server.scheduler import Job, Scheduler
 from ibllm.server.schemas import (APIError, ServerConfig, VisualCacheOptions, chunk_body, completion_body,
                                   completion_id, parse_request, usage)
-from ibllm.web import CacheSettings, ChatEngine
 
 log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often a waiting request looks for a client that went away
@@ -76,19 +76,21 @@ def sse(data: Any) -> str:
 def build_app(model: Any, config: ServerConfig) -> FastAPI:
     """The API application over an ``InferenceModel``; the scheduler runs while the app does."""
     scheduler = Scheduler(model, config)
-    engine = ChatEngine(model)  # the browser demo's cache switch: a per-request copy of the loaded cache
 
     def cache_for(options: VisualCacheOptions | None) -> Any:
+        """The loaded cache (None: none), off, or a per-request copy with the request's constants."""
         if options is None:
-            return engine.cache_for(CacheSettings(enabled=engine.has_cache))
-        base = CacheSettings(enabled=options.enabled)
-        try:
-            return engine.cache_for(CacheSettings(
-                enabled=options.enabled, k=base.k if options.k is None else options.k,
-                temperature=base.temperature if options.temperature is None else options.temperature,
-                weight=base.weight if options.weight is None else options.weight))
-        except ValueError as e:
-            raise APIError(400, f"visual_cache: {e}", param="visual_cache") from None
+            return model.cache
+        if not options.enabled:
+            return None
+        if model.cache is None:
+            raise APIError(400, "visual_cache: no visual cache is loaded (start the server with --cache PATH)",
+                           param="visual_cache")
+        cache = copy.copy(model.cache)  # the shared cache is never modified
+        for name in ("k", "temperature", "weight"):
+            if (value := getattr(options, name)) is not None:
+                setattr(cache, name, value)
+        return cache
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -12,9 +12,9 @@ from pathlib import Path
 from ibllm.cli.common import RECOVERABLE, add_load_arguments, fail, inputs_from_args, load_from_args
 from ibllm.server import __doc__ as API_DOC
 from ibllm.server.schemas import ServerConfig
-from ibllm.web import DEFAULTS
 
 API_KEY_ENV = "IBLLM_API_KEY"
+DEFAULT_MAX_TOKENS = 128  # the browser demo's default answer length
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ibllm serve --api", description=API_DOC,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_arguments(parser)
-    parser.set_defaults(max_gen_len=DEFAULTS["max_gen_len"])
+    parser.set_defaults(max_gen_len=DEFAULT_MAX_TOKENS)
     s = parser.add_argument_group("HTTP API")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)

@@ -98,7 +98,7 @@ class ExtraInput(_Strict):
 
 class VisualCacheOptions(_Strict):
     """The visual-cache switch and its constants (extension field ``visual_cache``); a constant left out
-    takes the browser demo's default."""
+    keeps the loaded cache's value."""
 
     enabled: bool = True
     k: int | None = Field(None, ge=1, le=1024)
