@@ -21,6 +21,7 @@ import pytest
 
 import ibllm
 from browser_helpers import free_port, offline_env
+from ibllm.server.cli import build_parser, config_from_args, is_loopback
 from ibllm.server.messages import map_messages, read_media_file
 from ibllm.server.scheduler import OutputText
 from ibllm.server.schemas import APIError, ServerConfig, parse_request
@@ -207,6 +208,17 @@ def test_media_paths_stay_inside_the_media_folder(tmp_path):
         assert e.value.status == 403
     with pytest.raises(APIError, match="without --media-dir"):
         read_media_file("ok.png", ServerConfig(), "x")
+
+
+def test_command_line_settings(tmp_path, monkeypatch):
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.20", "::", "example.org"]))
+    monkeypatch.setenv("IBLLM_API_KEY", "from-env")
+    config = config_from_args(build_parser().parse_args(["--media-dir", str(tmp_path), "--max-body-mb", "0.5"]))
+    assert config.api_key == "from-env" and config.media_dir == tmp_path.resolve()
+    assert config.max_body_bytes == 2**19 and config.max_tokens == 128
+    with pytest.raises(ValueError, match="not a folder"):
+        config_from_args(build_parser().parse_args(["--media-dir", str(tmp_path / "missing")]))
 
 
 # ---- the real server ----------------------------------------------------------------------------------------
