@@ -46,6 +46,22 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=ignore_index)
 
 
+def loss_positions(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """``[B,S]`` bool: the positions whose logits predict a non-ignored next label (``labels [B,S]``)."""
+    at = torch.zeros_like(labels, dtype=torch.bool)
+    at[:, :-1] = labels[:, 1:] != ignore_index
+    return at
+
+
+def selected_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """:func:`lm_loss` from the logits ``[N,V]`` of :func:`loss_positions` only (same value up to float rounding).
+
+    The output projection then runs on the N answer positions instead of all ``B*S``. Needs N > 0.
+    """
+    targets = labels[:, 1:]
+    return F.cross_entropy(logits.float(), targets[targets != ignore_index])
+
+
 def mix_embeddings(embeddings: list[Tensor], weights: list[float]) -> Tensor:
     """Weighted sum of L2-normalised ``[B,C]`` embeddings, weights divided by ``sum + 1e-6``.
 
@@ -149,8 +165,9 @@ class ImageBindLLM(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, tokens: Tensor, image: Tensor | None = None, feature: Tensor | None = None,
-                visual: Tensor | None = None, inject: Tensor | None = None) -> Tensor:
-        """``tokens [B,S]`` -> logits ``[B,S,V]``.
+                visual: Tensor | None = None, inject: Tensor | None = None,
+                logits_at: Tensor | None = None) -> Tensor:
+        """``tokens [B,S]`` -> logits ``[B,S,V]`` (``[N,V]`` at the True positions of ``logits_at [B,S]``).
 
         The visual input is one of: ``image [B,3,H,W]``, raw encoder ``feature [B,C]``, or an already
         bound ``visual [B,1,D]`` token; none of them runs the plain decoder. ``inject [B]`` switches the
@@ -158,7 +175,7 @@ class ImageBindLLM(nn.Module):
         """
         if visual is None and (image is not None or feature is not None):
             visual = self.visual_token(image=image, feature=feature)
-        return self.llama(tokens, self.adapters(visual, inject))
+        return self.llama(tokens, self.adapters(visual, inject), logits_at=logits_at)
 
 
 def as_batch(modality: str, items: Any) -> Tensor:

@@ -231,12 +231,19 @@ class LLaMA(nn.Module):
                 for _ in self.layers]
 
     def forward(self, tokens: Tensor, adapters: list[AdapterState | None] | None = None, start_pos: int = 0,
-                caches: list[KVCache] | None = None, last_only: bool = False) -> Tensor:
-        """``tokens [B,S]`` -> logits ``[B,S,V]`` (``[B,1,V]`` with ``last_only``), fp32-or-compute dtype."""
+                caches: list[KVCache] | None = None, last_only: bool = False,
+                logits_at: Tensor | None = None) -> Tensor:
+        """``tokens [B,S]`` -> logits ``[B,S,V]`` (``[B,1,V]`` with ``last_only``), fp32-or-compute dtype.
+
+        ``logits_at [B,S]`` (bool) projects only the selected positions and returns ``[N,V]`` in row-major
+        order of the mask: the output projection is per position, so these rows equal the full logits there.
+        """
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope(start_pos, start_pos + tokens.shape[1], tokens.device)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, start_pos, caches[i] if caches else None, adapters[i] if adapters else None)
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = h[logits_at]
         return self.output(self.norm(h))

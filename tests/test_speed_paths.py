@@ -1,0 +1,81 @@
+"""Faster paths compute the same thing: answer-only logits, fused AdamW, prepacked CPU linears."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ibllm import tuning
+from ibllm.config import llama_preset
+from ibllm.lit import fused_adamw_supported, make_adamw
+from ibllm.models.ibllm import ImageBindLLM, lm_loss, loss_positions, selected_lm_loss
+
+
+def tiny_model(stage: str, seed: int = 0, bf16: bool = False) -> ImageBindLLM:
+    torch.manual_seed(seed)
+    model = ImageBindLLM(llama_preset("tiny"), stage=stage)
+    for name, param in model.named_parameters():  # move zero-initialised gates / LoRA B so every path matters
+        if param.requires_grad:
+            param.data.normal_(0, 0.05)
+    if bf16:
+        tuning.cast_frozen(model, torch.bfloat16)
+    return model
+
+
+def batch(cfg, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, cfg.vocab_size, (3, 12), generator=gen)
+    labels = tokens.clone()
+    labels[:, :5] = -100  # prompt
+    labels[1, 9:] = -100  # padding of a shorter row
+    labels[2, 1] = 7  # a lone target inside the prompt
+    return tokens, labels, torch.randn(3, cfg.visual_dim, generator=gen)
+
+
+@pytest.mark.parametrize("stage", tuning.STAGES)
+def test_answer_only_logits_give_the_full_loss_and_gradients(stage):
+    model = tiny_model(stage)
+    tokens, labels, feature = batch(model.cfg)
+    full = lm_loss(model(tokens, feature=feature), labels)
+    full.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    at = loss_positions(labels)
+    assert int(at.sum()) == int((labels[:, 1:] != -100).sum())
+    logits = model(tokens, feature=feature, logits_at=at)
+    assert logits.shape == (int(at.sum()), model.cfg.vocab_size)
+    selected = selected_lm_loss(logits, labels)
+    selected.backward()
+    torch.testing.assert_close(selected, full, rtol=1e-6, atol=1e-7)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_adamw_is_chosen_on_cpu_and_skips_unsupported_tensors():
+    assert fused_adamw_supported([torch.zeros(2, requires_grad=True)])
+    assert not fused_adamw_supported([torch.zeros(2, device="meta")])
+    model = tiny_model("pretrain")
+    optimizer = make_adamw(tuning.optimizer_groups(model, "pretrain", 0.05), lr=1e-3, betas=(0.9, 0.95))
+    assert all(group["fused"] for group in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-mixed"])
+@pytest.mark.parametrize("stage", tuning.STAGES)
+def test_fused_and_foreach_adamw_reach_the_same_parameters(stage, bf16):
+    runs = {}
+    for kind in ("fused", "foreach"):
+        model = tiny_model(stage, bf16=bf16)
+        groups = tuning.optimizer_groups(model, stage, 0.05)
+        optimizer = (make_adamw(groups, lr=1e-3, betas=(0.9, 0.95)) if kind == "fused"
+                     else torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), foreach=True))
+        for step in range(4):
+            tokens, labels, feature = batch(model.cfg, seed=10 + step)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = lm_loss(model(tokens, feature=feature), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        runs[kind] = tuning.trainable_state_dict(model, stage)
+    assert runs["fused"].keys() == runs["foreach"].keys()
+    for name, value in runs["fused"].items():
+        torch.testing.assert_close(value, runs["foreach"][name], rtol=1e-5, atol=1e-6, msg=name)
