@@ -16,6 +16,10 @@ Serving
   running answer (the turn is then not kept in the conversation).
 * Bad requests (an unreadable file, a modality the encoder lacks, weights summing to zero, a question
   longer than the context) are shown on the page as one ``error: ...`` line; the server keeps serving.
+* Uploads: at most ``MAX_UPLOAD_SIZE`` per file (larger ones are refused by the server); a browser
+  session's uploads are deleted when its tab is closed or reloaded, uploads older than ``UPLOAD_MAX_AGE_S``
+  (API clients have no session end) hourly, and all of them when the server stops. Each file's decoding is
+  bounded by the limits of ``ibllm.processing`` (pixels, duration, frames, points).
 * Offline by construction: bound to 127.0.0.1 unless ``--host`` says otherwise, no share links, gradio's
   analytics and version check off (``GRADIO_ANALYTICS_ENABLED=False``), no server-side rendering, a
   theme with local/system fonts only; the page's scripts, styles and fonts all come from this server.
@@ -44,6 +48,7 @@ from typing import Any
 
 from ibllm.api import normalise_inputs
 from ibllm.cli.common import RECOVERABLE, add_load_arguments, fail, inputs_from_args, load_from_args, one_line
+from ibllm.web_uploads import delete_on_session_end
 
 # Offline by construction: set before gradio (and huggingface_hub) are imported.
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -58,6 +63,8 @@ WEB_MODALITIES: tuple[tuple[str, str, str], ...] = (
 )
 BRANCH = {"image": "vision", "video": "vision", "audio": "audio", "point": "point"}
 CONCURRENCY_ID = "generate"
+MAX_UPLOAD_SIZE = "100mb"  # per file; gradio refuses larger uploads
+UPLOAD_MAX_AGE_S = 6 * 3600  # uploads older than this are deleted (hourly sweep), all of them at shutdown
 # The official demo's defaults (generation) and the visual cache's constants.
 DEFAULTS = {"max_gen_len": 128, "temperature": 0.1, "top_p": 0.75, "weight": 1.0, "cache_k": 10,
             "cache_temperature": 20.0, "cache_weight": 0.5}
@@ -204,7 +211,7 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
     info = engine.model.info
     described = ", ".join(f"{k}={Path(str(v)).name}" for k, v in info.items()
                           if k in ("adapter", "llm", "imagebind") and v) or "base model"
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, UPLOAD_MAX_AGE_S)) as app:
         gr.Markdown(f"## {title}\nUpload any mix of image, audio, video and point-cloud files, set one weight "
                     f"per input, then ask. <small>model: {described}; encoder branches: "
                     f"{', '.join(engine.model.modalities) or 'none'}</small>")
@@ -324,6 +331,7 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
                     api_visibility="private")
         chatbot.clear(lambda: ([], "conversation cleared (inputs kept)"), None, [history, status], queue=False,
                       api_visibility="private")  # the chat box's own trash button forgets the history too
+        app.uploads = delete_on_session_end(app, files.values())  # deleted when the tab closes
     app.queue(default_concurrency_limit=1, max_size=64)
     return app
 
@@ -339,7 +347,7 @@ def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, quiet: bool = Fa
     _, local_url, _ = app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
                                  prevent_thread_lock=True, quiet=quiet, ssr_mode=False, mcp_server=False,
                                  pwa=False, show_error=True, theme=theme, css=CSS, footer_links=["api"],
-                                 enable_monitoring=False)
+                                 enable_monitoring=False, max_file_size=MAX_UPLOAD_SIZE)
     print(f"ibllm web demo on {local_url} (Ctrl-C stops)", flush=True)
     if block:
         try:
