@@ -82,7 +82,8 @@ def consolidate(ckpt: str | Path, out: str | Path, fmt: str = "official", stage:
     if not any(is_trainable(k, "pretrain") or is_trainable(k, "finetune") for k in state):
         raise CheckpointError(f"{src}: no trainable tensors in the checkpoint")
     adapter = Adapter(state, "lightning", str(src), meta)
-    parent_path = init_from or (meta.get("init_from") if adapter.stage == "finetune" and not adapter.has_stage1 else None)
+    needs_stage1 = adapter.stage == "finetune" and not adapter.has_stage1
+    parent_path = init_from or (meta.get("init_from") if needs_stage1 else None)
     if parent_path:
         add_stage1(adapter, parent_path)
     return export_official(adapter, out, stage) if fmt == "official" else export_safetensors(adapter, out, stage)

@@ -22,7 +22,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ibllm.checkpoints.io import CheckpointError, PathLike, check_state_dict, own_storage, preview, safe_load, save_atomic
+from ibllm.checkpoints.io import (CheckpointError, PathLike, check_state_dict, own_storage, preview, safe_load,
+                                  save_atomic)
 from ibllm.config import LLaMAConfig
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ def official_adapter_shapes(cfg: LLaMAConfig, stage: str) -> dict[str, tuple[int
 
 
 def official_adapter_keys(cfg: LLaMAConfig, stage: str) -> list[str]:
-    """The exact key set of the official trainable-only file for ``cfg`` and ``stage`` (see :func:`official_adapter_shapes`)."""
+    """The exact key set of the official trainable-only file for ``cfg`` and ``stage``
+    (see :func:`official_adapter_shapes`)."""
     return list(official_adapter_shapes(cfg, stage))
 
 
