@@ -36,7 +36,7 @@ FLOORS: dict[str, tuple[str, ...]] = {  # bottom up; fnmatch patterns on dotted 
                   *tree("ibllm.meta_init"),
                   *tree("ibllm.slurm"), *tree("datamodules"), *tree("callbacks")),
     "applications": ("ibllm", "ibllm.__main__", *tree("ibllm.api"), *tree("ibllm.cli"), *tree("ibllm.web"),
-                     *tree("ibllm.server"), *tree("ibllm.demos")),
+                     *tree("ibllm.web_uploads"), *tree("ibllm.server"), *tree("ibllm.demos")),
 }
 # Lightning-only packages: inside ibllm, only the applications floor may import them.
 LIGHTNING_ONLY = ("datamodules", "callbacks")
