@@ -1,4 +1,4 @@
-"""Image loading and CLIP transforms (SPEC §5.1)."""
+"""Image loading and the CLIP transforms of the vision encoder."""
 
 from __future__ import annotations
 

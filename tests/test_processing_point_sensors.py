@@ -1,4 +1,4 @@
-"""Point clouds (SPEC §5.5, D17) and depth / thermal / IMU loaders (SPEC §5.6)."""
+"""Point clouds (resampled to a fixed count and normalised to the unit sphere) and depth / thermal / IMU loaders."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CLIP BPE tokenizer for the ImageBind text tower (SPEC §5.4)."""
+"""CLIP BPE tokenizer for the ImageBind text tower."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_batch_and_truncation(tok):
     long_text = " ".join(["word"] * 100)
     out = tok(["short", long_text])
     assert out.shape == (2, 77)
-    assert out[1, 0] == 49406 and out[1, -1] != 49407 and (out[1] == 49407).sum() == 0  # official (D15)
+    assert out[1, 0] == 49406 and out[1, -1] != 49407 and (out[1] == 49407).sum() == 0  # official: truncation drops the end token
     fixed = ClipTokenizer(keep_eot_on_truncate=True)(long_text)
     assert fixed[0, -1] == 49407 and torch.equal(fixed[0, :76], out[1, :76])
     assert fixed[0].argmax() == 76

@@ -1,4 +1,4 @@
-"""Video preprocessing (SPEC §5.2): clip times, first/last frame per clip, resize, 3 crops, errors."""
+"""Video preprocessing: clip times, first/last frame per clip, resize, 3 crops, errors."""
 
 from __future__ import annotations
 
