@@ -259,7 +259,9 @@ def train_config(part: Part, stage: str, wrap: str, checkpointing: bool) -> dict
         for block in model.llama.layers:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     model.train()
-    optimizer = torch.optim.AdamW(tuning.optimizer_groups(model, stage, 0.05), lr=1e-5, betas=(0.9, 0.95))
+    from ibllm.lit import make_adamw  # imports lightning; training's own AdamW choice (fused where supported)
+
+    optimizer = make_adamw(tuning.optimizer_groups(model, stage, 0.05), lr=1e-5, betas=(0.9, 0.95))
     batch, seq = shapes.runs[stage]
     tokens = torch.randint(3, cfg.vocab_size, (batch, seq), device=device)
     feature = torch.randn(batch, cfg.visual_dim, device=device)
@@ -293,7 +295,7 @@ def train_config(part: Part, stage: str, wrap: str, checkpointing: bool) -> dict
            "trainable": counts["trainable"], "frozen": frozen, "tflops_per_s": round(flops / step_s / 1e12, 2),
            "mfu": None if peak_flops is None else round(flops / step_s / peak_flops, 4),
            "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
-           "finite": all(map(math.isfinite, losses))}
+           "finite": all(map(math.isfinite, losses)), "fused_adamw": bool(optimizer.defaults.get("fused"))}
     if device.type == "cuda":
         out.update(static_gib=round(static / GiB, 2), peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 2),
                    reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 2))
