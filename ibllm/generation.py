@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ibllm.models.ibllm import ImageBindLLM
+from ibllm.models.packed import enable_packed_linears
 
 
 def sample_top_p(probs: Tensor, top_p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -60,6 +61,8 @@ def stream_tokens(model: ImageBindLLM, prompts: Sequence[Sequence[int]], visual:
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long, device=device)
     dtype = llama.tok_embeddings.weight.dtype
+    if device.type == "cpu":  # bit-identical, faster few-row products of the frozen bf16 weights
+        enable_packed_linears(llama)
     # Frozen weights stored in bf16/fp16 beside fp32 trainables compute under autocast, as in training.
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
     with autocast:

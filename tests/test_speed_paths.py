@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 from ibllm import tuning
 from ibllm.config import llama_preset
+from ibllm.generation import generate_tokens
 from ibllm.lit import fused_adamw_supported, make_adamw
 from ibllm.models.ibllm import ImageBindLLM, lm_loss, loss_positions, selected_lm_loss
+from ibllm.models.packed import PACKED_ATTR, disable_packed_linears, enable_packed_linears, packing_available
 
 
 def tiny_model(stage: str, seed: int = 0, bf16: bool = False) -> ImageBindLLM:
@@ -79,3 +83,49 @@ def test_fused_and_foreach_adamw_reach_the_same_parameters(stage, bf16):
     assert runs["fused"].keys() == runs["foreach"].keys()
     for name, value in runs["fused"].items():
         torch.testing.assert_close(value, runs["foreach"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_linears_decode_bit_identically_and_stay_out_of_training():
+    model = tiny_model("finetune", bf16=True).eval()
+    prompts = [[5, 9, 11, 3, 8], [7, 6]]
+    visual = model.visual_token(feature=torch.randn(2, model.cfg.visual_dim))
+    if not packing_available():
+        pytest.fail("this torch build lacks oneDNN bf16; the packed path cannot be checked here")
+    disable_packed_linears(model)
+    plain_logits = _decode_logits(model, prompts, visual)
+    with mock.patch("ibllm.generation.enable_packed_linears", lambda m: 0):
+        plain = generate_tokens(model, prompts, visual, max_gen_len=6, temperature=0, eos_id=2)
+    assert enable_packed_linears(model.llama) > 0
+    packed_logits = _decode_logits(model, prompts, visual)
+    assert torch.equal(plain_logits, packed_logits)
+    assert generate_tokens(model, prompts, visual, max_gen_len=6, temperature=0, eos_id=2) == plain
+    assert any(PACKED_ATTR in m.__dict__ for m in model.llama.modules())
+    # with gradients flowing (training) the module's own forward runs and gradients reach the LoRA weights
+    tokens = torch.tensor([prompts[0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lm_loss(model.train()(tokens), tokens).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+    # a changed weight is packed again
+    linear = model.llama.layers[0].feed_forward.w1.get_base_layer()
+    x = torch.randn(1, 3, linear.in_features, dtype=torch.bfloat16)
+    bias = linear.bias.detach().to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.mul_(0.5)
+        linear.bias.data = bias
+        torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, bias), rtol=0, atol=0)
+    assert linear.__dict__[PACKED_ATTR][0][1] == linear.weight._version
+    disable_packed_linears(model)
+    assert not any(PACKED_ATTR in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
+
+
+@torch.inference_mode()
+def _decode_logits(model: ImageBindLLM, prompts: list[list[int]], visual: torch.Tensor) -> torch.Tensor:
+    """Prefill + three cached single-token steps of the bf16 model under autocast: all the logits."""
+    tokens = torch.tensor([p[:2] for p in prompts])
+    caches = model.llama.new_cache(2, 8, torch.device("cpu"), torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adapters = model.adapters(visual)
+        out = [model.llama(tokens, adapters, caches=caches)]
+        for pos in range(2, 5):
+            out.append(model.llama(torch.full((2, 1), pos + 3), adapters, start_pos=pos, caches=caches))
+    return torch.cat(out, dim=1)
