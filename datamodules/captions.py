@@ -103,10 +103,12 @@ class CaptionDecoder:
             if raw.get("npy") is None:
                 raise SkipSample("missing_feature", key)
             try:
-                arr = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
-                return {"feature": torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1))}
+                arr = np.asarray(np.load(io.BytesIO(raw["npy"]), allow_pickle=False), dtype=np.float32).reshape(-1)
             except Exception as e:  # noqa: BLE001 - any unreadable array is a skip
                 raise SkipSample("bad_feature", f"{key}: {e}") from None
+            if not np.isfinite(arr).all():  # one inf would make the whole batch's loss non-finite
+                raise SkipSample("bad_feature", f"{key}: non-finite values")
+            return {"feature": torch.from_numpy(arr)}
         data = next((raw[e] for e in IMAGE_EXTENSIONS if raw.get(e) is not None), None)
         if data is None:
             raise SkipSample("missing_image", key)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ibllm.checkpoints.adapters import base_fingerprint
 from ibllm.checkpoints.io import CheckpointError
+from ibllm.checkpoints.lightning_io import save_sharded_atomic, use_atomic_checkpoint_io
 from ibllm.checkpoints.sharded import SafeFileSystemReader, read_sharded_meta, safe_dcp_load
 from ibllm.models.llama import AdapterState, Attention
 
@@ -208,6 +209,15 @@ class FSDP2Strategy(_strategy_base()):
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, **kwargs)
+        use_atomic_checkpoint_io(self)  # single-file saves: written beside the target, then renamed
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """A sharded folder is written as a hidden sibling folder, then renamed into place (a kill never
+        leaves a partial folder under the final name); single files go through the checkpoint IO."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        parent_save = super().save_checkpoint
+        save_sharded_atomic(self, lambda tmp: parent_save(checkpoint, tmp, storage_options), filepath)
 
     def setup_environment(self) -> None:
         """Resolve ``data_parallel_size="auto"`` to the world size (Lightning's default is the node count)."""

@@ -283,6 +283,12 @@ def run_lightning_cli(argv: list[str]) -> None:
             use_atomic_checkpoint_io(trainer.strategy)  # checkpoints written beside their target, then renamed
             return trainer
 
+        def _parse_ckpt_path(self) -> None:
+            # Lightning would overwrite the model arguments with the checkpoint's hyper-parameters, so that a
+            # new lr given on resume is ignored; the experiment and its flags define the run, and before_fit
+            # checks the checkpoint (module.on_load_checkpoint checks its stage and LLaMA shape).
+            return
+
         def before_fit(self) -> None:
             # "last" (automatic with an exception checkpoint) = the most steps, not the newest file
             config = self.config_init[self.subcommand]

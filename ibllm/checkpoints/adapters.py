@@ -306,6 +306,10 @@ def check_loadable(own: Mapping[str, Tensor], state: Mapping[str, Tensor], sourc
         if tuple(t.shape) != tuple(own[key].shape):
             raise CheckpointError(f"{source}: key {key!r} has shape {list(t.shape)}, the model expects "
                                   f"{list(own[key].shape)}")
+    nonfinite = sorted(k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if nonfinite:
+        raise CheckpointError(f"{source}: non-finite values (NaN or inf) in {preview(nonfinite)}; the weights "
+                              "diverged, use an earlier checkpoint")
 
 
 def load_trainable(model: nn.Module, path: PathLike) -> Adapter:
