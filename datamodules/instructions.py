@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.common import resolve_tokenizer
+from datamodules.length_grouped import DEFAULT_GROUP_SIZE, LengthGroupedSampler
 from ibllm.processing.image import load_image
 from ibllm.processing.samples import build_conversation_sample, build_sample, collate
 from ibllm.processing.templates import format_prompt, strip_image_placeholder
@@ -232,6 +233,8 @@ class InstructionData(L.LightningDataModule):
         official_first_turn: LLaVA items as the official code builds them (first exchange, ``<image>`` kept).
         seed: seed of the single-process shuffle (under DDP Lightning swaps in a DistributedSampler).
         ignore_unk: also ignore label positions holding token 0.
+        group_by_length: training batches of similar token lengths (shuffled megabatches of
+            ``length_group_size`` global batches sorted by length, across all ranks), which cuts padding.
 
     Batches: ``tokens``, ``labels``, ``image [B,3,S,S]``, ``inject [B]``, ``text`` (list).
     """
@@ -252,6 +255,8 @@ class InstructionData(L.LightningDataModule):
         seed: int = 0,
         ignore_unk: bool = False,
         pin_memory: bool = False,
+        group_by_length: bool = False,
+        length_group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
         super().__init__()
         self.train_files = train_files
@@ -268,6 +273,8 @@ class InstructionData(L.LightningDataModule):
         self.seed = seed
         self.ignore_unk = ignore_unk
         self.pin_memory = pin_memory
+        self.group_by_length = group_by_length
+        self.length_group_size = length_group_size
         self.train_dataset: Optional[InstructionDataset] = None
         self.val_dataset: Optional[InstructionDataset] = None
 
@@ -305,16 +312,25 @@ class InstructionData(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_files is not None and self.val_dataset is None:
             self.val_dataset = self.build_dataset(self.val_files, train=False)
 
+    def length_sampler(self, dataset: InstructionDataset) -> LengthGroupedSampler:
+        """The length-grouped sampler of this rank (world size and rank from the attached trainer)."""
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        lengths = [len(dataset.tokens(rec)["tokens"]) for rec in dataset.records]
+        return LengthGroupedSampler(lengths, self.batch_size, world, rank, self.seed, self.length_group_size)
+
     def _loader(self, dataset: InstructionDataset, train: bool) -> DataLoader:
+        sampler = self.length_sampler(dataset) if train and self.group_by_length else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             collate_fn=collate,
             pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            generator=torch.Generator().manual_seed(self.seed) if train and sampler is None else None,
             persistent_workers=False,
         )
 
