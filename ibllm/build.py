@@ -28,7 +28,7 @@ from ibllm.checkpoints.llama import load_llama
 from ibllm.checkpoints.meta import load_meta_llama
 from ibllm.checkpoints.official import official_to_ours
 from ibllm.config import LLAMA_PRESETS, ImageBindConfig, LLaMAConfig, imagebind_preset, llama_preset
-from ibllm.meta_init import InitRecord, assign_full, materialise
+from ibllm.meta_init import InitRecord, assign_full, materialise, release_pages
 from ibllm.models.ibllm import ImageBindLLM
 from ibllm.models.imagebind import build_imagebind, load_imagebind
 from ibllm.models.merge import install_visual_wv, unwrap_lora
@@ -191,7 +191,9 @@ def finish_on_meta(model: nn.Module, deferred: DeferredModel, device: torch.devi
     wanted = [name for name in deferred.sources if name not in deferred.base_names]
     deferred.record.replay(deferred.sources, wanted, deliver)
     for ours, meta in deferred.base_names.items():
-        assign_full(tensors[ours], deferred.base[meta])
+        full = deferred.base[meta]
+        assign_full(tensors[ours], full)
+        release_pages(full)  # the file pages this rank read are not part of its model
 
 
 def build_from_adapter(ad: Adapter | None, llama: str | Path | None = None, imagebind: str | Path | None = None,

@@ -15,6 +15,9 @@ another meta tensor, raises ``NotImplementedError`` at construction time rather 
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +175,26 @@ def assign_full(param: Tensor, full: Tensor) -> None:
         raise ValueError(f"shape {list(full.shape)} does not match the parameter's {list(param.shape)}")
     target = param.to_local() if hasattr(param, "to_local") else param
     target.copy_(shard_slice(param, full))
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages now; file-backed ones are re-read on the next access
+
+
+def release_pages(t: Tensor) -> None:
+    """Ask the kernel to drop the resident pages of CPU tensor ``t`` from this process (Linux; elsewhere, or on
+    failure, nothing happens). Values are kept: a memory-mapped file's pages are re-read if touched again, other
+    pages stay or go to swap. Keeps a rank's resident set from counting the file pages it copied its slice from."""
+    if t.device.type != "cpu" or not t.numel() or not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+        except (OSError, AttributeError):
+            pass
 
 
 def materialise(module: nn.Module, device: torch.device | str, skip: Iterable[str] = ()) -> None:

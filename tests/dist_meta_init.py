@@ -71,7 +71,8 @@ def main() -> None:
     tokens = torch.randint(3, model.cfg.vocab_size, (2, 10), generator=g)
     image = torch.rand(2, 3, 224, 224, generator=g)
     model.train()
-    logits = model(tokens, image=image)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):  # as bf16-mixed does
+        logits = model(tokens, image=image)
     loss = lm_loss(logits, tokens)
     loss.backward()
     optimizer = torch.optim.AdamW([p for _, p in tuning.trainable_parameters(model, args.stage)], lr=1e-2)
