@@ -9,7 +9,6 @@ is printed, written to ``<default_root_dir>/slurm/<job>-<timestamp>.sbatch`` (ne
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -19,6 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ibllm.verbs.registry import run, verb
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "experiments" / "slurm.sbatch"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -132,38 +133,47 @@ def submit(script: str, log_dir: Path, job_name: str, sbatch: str = "sbatch") ->
     return job_id, final
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line (used by the Makefile): render, print, keep and submit."""
-    parser = argparse.ArgumentParser(prog="python -m ibllm.slurm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="tasks (processes) per node, one per GPU")
-    parser.add_argument("--args", default="", help="extra `python -m ibllm fit` flags, as one string")
-    parser.add_argument("--partition", default="")
-    parser.add_argument("--time", default="", help="time limit, e.g. 3-00:00:00")
-    parser.add_argument("--account", default="")
-    parser.add_argument("--gres", default=None, help="default gpu:GPUS_PER_NODE, none for CPU experiments")
-    parser.add_argument("--cpus-per-task", default="")
-    parser.add_argument("--job-name", default=None, help="default: the experiment file's name")
-    parser.add_argument("--prepare-demo", action="store_true", help="run `ibllm demo prepare` before training")
-    parser.add_argument("--python", default=None, help="interpreter for the job (default: this one)")
-    parser.add_argument("--template", default=str(TEMPLATE))
-    parser.add_argument("--sbatch", default="sbatch", help="submit command")
-    parser.add_argument("--dry-run", action="store_true", help="print the script only")
-    a = parser.parse_args(argv)
+@verb("slurm", program="python -m ibllm.slurm", description=__doc__, config_file=False)
+def submit_command(config: str, nodes: int = 1, gpus_per_node: int = 8, args: str = "", partition: str = "",
+                   time: str = "", account: str = "", gres: str | None = None, cpus_per_task: str = "",
+                   job_name: str | None = None, prepare_demo: bool = False, python: str | None = None,
+                   template: str = str(TEMPLATE), sbatch: str = "sbatch", dry_run: bool = False) -> None:
+    """Render the job script, print it, keep it and submit it (used by the Makefile).
+
+    Args:
+        config: experiment YAML
+        nodes: nodes
+        gpus_per_node: tasks (processes) per node, one per GPU
+        args: extra `python -m ibllm fit` flags, as one string
+        partition: SLURM partition
+        time: time limit, e.g. 3-00:00:00
+        account: SLURM account
+        gres: default gpu:GPUS_PER_NODE, none for CPU experiments
+        cpus_per_task: CPUs per task
+        job_name: default: the experiment file's name
+        prepare_demo: run `ibllm demo prepare` before training
+        python: interpreter for the job (default: this one)
+        template: the sbatch template
+        sbatch: submit command
+        dry_run: print the script only
+    """
+    name = job_name or Path(config).stem
     try:
-        script, log_dir = build_script(a.config, a.nodes, a.gpus_per_node, shlex.split(a.args), a.partition, a.time,
-                                       a.account, a.gres, a.cpus_per_task, a.job_name, a.prepare_demo, a.python,
-                                       a.template)
+        script, log_dir = build_script(config, nodes, gpus_per_node, shlex.split(args), partition, time, account,
+                                       gres, cpus_per_task, job_name, prepare_demo, python, template)
         print(script)
-        if a.dry_run:
+        if dry_run:
             return
-        job_id, kept = submit(script, log_dir, a.job_name or Path(a.config).stem, a.sbatch)
+        job_id, kept = submit(script, log_dir, name, sbatch)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(1)
-    print(f"submitted job {job_id}; script kept at {kept}; logs: {log_dir}/{a.job_name or Path(a.config).stem}-{job_id}.out")
+    print(f"submitted job {job_id}; script kept at {kept}; logs: {log_dir}/{name}-{job_id}.out")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line (used by the Makefile): ``python -m ibllm.slurm --config EXP.yaml [options]``."""
+    run("slurm", argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,23 @@ from ibllm.atomic import atomic_write
 
 @dataclass
 class BindRecipe:
-    """The :func:`ibllm.stage0.bind_towers` settings every stage-0 recipe records (its hash names the file's content)."""
+    """The :func:`ibllm.stage0.bind_towers` settings every stage-0 recipe records (its hash names the content).
+
+    Attributes:
+        cfg: ImageBind preset whose towers are trained
+        seed: seed of the split, the initialisation and the sampling
+        heldout_fraction: share of the labelled data held out for the zero-shot evaluation
+        steps: optimizer steps
+        lr: peak AdamW learning rate
+        warmup: linear warmup steps
+        min_lr_ratio: the cosine decay ends at this fraction of lr
+        weight_decay: AdamW weight decay (embeddings and tokens undecayed)
+        batch_size: pairs per step
+        bf16: bf16 autocast (false, or --fp32: float32)
+        augment: train on the stage-1 crop augmentation (false, or --no-augment: centre views only)
+        pos_init_scale: RMS of the sine-cosine positional embedding trained patch branches start from (0: off)
+        intra_weight: weight of the class-aware InfoNCE among the new branch's own embeddings (0: off)
+    """
 
     cfg: str = "demo"
     seed: int = 0

@@ -35,7 +35,6 @@ max_gen_len, temperature, top_p, seed, api_name="/answer")`` (files via ``gradio
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -47,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from ibllm.api import normalise_inputs
-from ibllm.cli.common import RECOVERABLE, add_load_arguments, fail, inputs_from_args, load_from_args, one_line
+from ibllm.cli.common import LOAD_ALIASES, RECOVERABLE, ModelOptions, SamplingOptions, fail, load_model, one_line
+from ibllm.verbs.registry import run, verb
 from ibllm.web_uploads import delete_on_session_end
 
 # Offline by construction: set before gradio (and huggingface_hub) are imported.
@@ -365,23 +365,37 @@ def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, quiet: bool = Fa
 # --------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Parser of ``python -m ibllm serve`` (model options as for ``python -m ibllm chat``)."""
-    parser = argparse.ArgumentParser(prog="python -m ibllm serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_load_arguments(parser)
-    parser.set_defaults(max_gen_len=DEFAULTS["max_gen_len"])  # the page's defaults (the official demo's)
-    w = parser.add_argument_group("server")
-    w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    w.add_argument("--port", type=int, default=7860)
-    w.add_argument("--title", default="ImageBind-LLM")
-    w.add_argument("--api", action="store_true", help="serve the OpenAI-compatible HTTP API instead of the page "
-                                                      "(its own flags: python -m ibllm serve --api --help)")
-    return parser
+@verb("serve", flat=("model", "sampling"), aliases=LOAD_ALIASES, description=__doc__,
+      epilog="--api: serve the OpenAI-compatible HTTP API instead of the page (its own options: "
+             "python -m ibllm serve --api --help)")
+def serve(model: ModelOptions = ModelOptions(),
+          sampling: SamplingOptions = SamplingOptions(max_gen_len=DEFAULTS["max_gen_len"]),
+          host: str = "127.0.0.1", port: int = 7860, title: str = "ImageBind-LLM") -> None:
+    """Serve the browser demo until Ctrl-C (sampling defaults: the page's, the official demo's).
+
+    Args:
+        model: which model to load (as for ``python -m ibllm chat``)
+        sampling: the page's initial generation settings
+        host: address to bind (default 127.0.0.1: this machine only)
+        port: port of the page
+        title: page title
+    """
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the web demo needs gradio: pip install 'ibllm[web]'", file=sys.stderr)
+        raise SystemExit(1) from None
+    try:
+        loaded = load_model(model)
+    except RECOVERABLE as e:
+        fail(e)
+    gen = GenerationSettings(sampling.max_gen_len, sampling.temperature, sampling.top_p, sampling.seed)
+    app = build_app(ChatEngine(loaded), title=title, gen=gen)
+    launch(app, host, port)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ibllm serve``: the browser demo."""
+    """``python -m ibllm serve``: the browser demo (``--api``: the HTTP API, :mod:`ibllm.server.cli`)."""
     set_offline_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--api" in argv:
@@ -389,18 +403,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         api_main([a for a in argv if a != "--api"])
         return
-    args = build_parser().parse_args(argv)
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("error: the web demo needs gradio: pip install 'ibllm[web]'", file=sys.stderr)
-        raise SystemExit(1) from None
-    try:
-        if inputs_from_args(args, argv):
-            raise ValueError("serve takes no input files: upload them on the page")
-        model = load_from_args(args)
-    except RECOVERABLE as e:
-        fail(e)
-    gen = GenerationSettings(args.max_gen_len, args.temperature, args.top_p, args.seed)
-    app = build_app(ChatEngine(model), title=args.title, gen=gen)
-    launch(app, args.host, args.port)
+    run("serve", argv)

@@ -33,15 +33,16 @@ the session keeps its history and inputs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ibllm.api import MEDIA, ChatSession
-from ibllm.cli.common import RECOVERABLE, add_load_arguments, fail, inputs_from_args, load_from_args, one_line
+from ibllm.cli.common import (LOAD_ALIASES, RECOVERABLE, InputOptions, ModelOptions, SamplingOptions, chosen_inputs,
+                              fail, load_model, one_line)
 from ibllm.processing import MediaError
+from ibllm.verbs.registry import run, verb
 
 USER_PROMPT = "you> "
 BOT_PREFIX = "ibllm> "
@@ -54,7 +55,7 @@ HELP = """commands:
   /help                  this help               /quit       leave (also Ctrl-D)"""
 
 
-def run_chat(session: ChatSession, args: argparse.Namespace, stdin: Any = None, out: Any = None) -> None:
+def run_chat(session: ChatSession, sampling: SamplingOptions, stdin: Any = None, out: Any = None) -> None:
     """The read–answer loop: commands, streaming output, errors that never end the session."""
     stdin = stdin or sys.stdin
     out = out or sys.stdout
@@ -93,7 +94,8 @@ def run_chat(session: ChatSession, args: argparse.Namespace, stdin: Any = None, 
             print(BOT_PREFIX, end="", file=out, flush=True)
             replying = True
             session.send(line, on_text=lambda piece: print(piece, end="", file=out, flush=True),
-                         max_gen_len=args.max_gen_len, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                         max_gen_len=sampling.max_gen_len, temperature=sampling.temperature, top_p=sampling.top_p,
+                         seed=sampling.seed)
             print(file=out, flush=True)
         except KeyboardInterrupt:
             print("\n[interrupted; the turn was not added to the history]", file=out, flush=True)
@@ -158,26 +160,30 @@ def _check_file(modality: str, path: str) -> None:
         raise MediaError(modality, path, "is a directory, expected a file")
 
 
-def build_chat_parser() -> argparse.ArgumentParser:
-    """Parser of ``python -m ibllm chat``."""
-    parser = argparse.ArgumentParser(prog="python -m ibllm chat", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_load_arguments(parser)
-    return parser
+@verb("chat", flat=("model", "inputs", "sampling"), aliases=LOAD_ALIASES, description=__doc__)
+def chat(model: ModelOptions = ModelOptions(), inputs: InputOptions = InputOptions(),
+         sampling: SamplingOptions = SamplingOptions(), argv: Sequence[str] = ()) -> None:
+    """Interactive multi-turn chat with streaming: load the model, set the start-up inputs, read–answer loop.
+
+    Args:
+        model: which model to load (options --adapter, --llama, ...)
+        inputs: the start-up inputs (--image, --audio, ..., --weights)
+        sampling: decoding settings
+        argv: the command line as typed (the order of the input options)
+    """
+    try:
+        chosen = chosen_inputs(inputs, argv)
+        loaded = load_model(model)
+    except RECOVERABLE as e:
+        fail(e)
+    session = ChatSession(loaded)
+    try:
+        session.set_inputs(chosen)
+    except RECOVERABLE as e:  # bad start-up input: report it, chat without it
+        print(f"error: {one_line(e)} (starting without inputs)", file=sys.stderr, flush=True)
+    run_chat(session, sampling)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m ibllm chat``: interactive multi-turn chat with streaming."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_chat_parser().parse_args(argv)
-    try:
-        inputs = inputs_from_args(args, argv)
-        model = load_from_args(args)
-    except RECOVERABLE as e:
-        fail(e)
-    session = ChatSession(model)
-    try:
-        session.set_inputs(inputs)
-    except RECOVERABLE as e:  # bad start-up input: report it, chat without it
-        print(f"error: {one_line(e)} (starting without inputs)", file=sys.stderr, flush=True)
-    run_chat(session, args)
+    run("chat", argv)

@@ -1,68 +1,122 @@
-"""What the ``chat``, ``generate`` and ``serve`` commands share: the ``ibllm.load`` options, the input
-flags, loading, and one-line errors."""
+"""What the ``chat``, ``generate`` and ``serve`` verbs share: the ``ibllm.load`` options, the input options,
+the sampling options (option groups: dataclasses whose fields are top-level options), and one-line errors."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ibllm.api import MEDIA, InferenceModel, load
 
 # Errors a command reports as one line (bad files, inputs or options) instead of a traceback.
 RECOVERABLE = (ValueError, OSError, RuntimeError, KeyError)
+# The spellings the load options had before they were typed: ``--llm`` for ``--llama``.
+LOAD_ALIASES = {"--llm": "--llama"}
 
 
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``ibllm.load`` options shared by ``chat`` and ``generate``."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--adapter", help="our checkpoint / .safetensors export, an official 7B.pth or "
-                                     "7B-pretrained.pth, or a merged export folder")
-    g.add_argument("--llama", "--llm", dest="llama", help="base LLaMA: Meta/HF folder, GGUF file, "
-                                                         "smollm2-135m-instruct (default: recorded in the adapter)")
-    g.add_argument("--tokenizer", help="tokenizer file (default: the base model's)")
-    g.add_argument("--imagebind", help="ImageBind weights (imagebind_huge.pth / imagebind_w3D.pth layout)")
-    g.add_argument("--imagebind-preset", help="skip the encoder preset guess (huge, huge_w3d, demo, tiny)")
-    g.add_argument("--cache", help="visual cache index (cache-enhanced inputs)")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    g.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the adapter's)")
-    g.add_argument("--merge", action="store_true", help="fold LoRA into the base weights (faster decoding)")
-    g.add_argument("--no-check-base", action="store_true", help="warn instead of failing on a base-model mismatch")
-    m = parser.add_argument_group("inputs")
-    for name in MEDIA:
-        m.add_argument(f"--{name}", help=f"{name} input" + (" (a string)" if name == "text" else " file"))
-    m.add_argument("--weights", help="comma-separated modality weights, in the order the input flags were given")
-    s = parser.add_argument_group("sampling")
-    s.add_argument("--max-gen-len", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.1)
-    s.add_argument("--top-p", type=float, default=0.75)
-    s.add_argument("--seed", type=int, default=None)
+@dataclass
+class ModelOptions:
+    """Model.
+
+    Args:
+        adapter: our checkpoint / .safetensors export, an official 7B.pth or 7B-pretrained.pth, or a merged
+            export folder
+        llama: base LLaMA: Meta/HF folder, GGUF file, smollm2-135m-instruct (default: recorded in the adapter)
+        tokenizer: tokenizer file (default: the base model's)
+        imagebind: ImageBind weights (imagebind_huge.pth / imagebind_w3D.pth layout)
+        imagebind_preset: skip the encoder preset guess (huge, huge_w3d, demo, tiny)
+        cache: visual cache index (cache-enhanced inputs)
+        device: where to run (cpu, cuda, cuda:1)
+        dtype: float32 (default), bfloat16, float16
+        max_seq_len: context length (default: the adapter's)
+        merge: fold LoRA into the base weights (faster decoding)
+        check_base: fail on a base-model mismatch (false, or --no-check-base: warn instead)
+    """
+
+    adapter: str | None = None
+    llama: str | None = None
+    tokenizer: str | None = None
+    imagebind: str | None = None
+    imagebind_preset: str | None = None
+    cache: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    max_seq_len: int | None = None
+    merge: bool = False
+    check_base: bool = True
 
 
-def inputs_from_args(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, tuple[str, float]]:
-    """``{modality: (item, weight)}`` from the input flags; ``--weights`` follow the flags' order in ``argv``."""
+@dataclass
+class InputOptions:
+    """Inputs.
+
+    Args:
+        image: image input file
+        video: video input file
+        audio: audio input file
+        point: point input file
+        depth: depth input file
+        thermal: thermal input file
+        imu: imu input file
+        text: text input (a string)
+        weights: comma-separated modality weights, in the order the input options were given
+    """
+
+    image: str | None = None
+    video: str | None = None
+    audio: str | None = None
+    point: str | None = None
+    depth: str | None = None
+    thermal: str | None = None
+    imu: str | None = None
+    text: str | None = None
+    weights: str | None = None
+
+
+@dataclass
+class SamplingOptions:
+    """Sampling.
+
+    Args:
+        max_gen_len: most tokens per answer
+        temperature: sampling temperature (0: greedy)
+        top_p: nucleus sampling mass
+        seed: sampling seed (default: unseeded)
+    """
+
+    max_gen_len: int = 256
+    temperature: float = 0.1
+    top_p: float = 0.75
+    seed: int | None = None
+
+
+def chosen_inputs(inputs: InputOptions, argv: Sequence[str] = ()) -> dict[str, tuple[str, float]]:
+    """``{modality: (item, weight)}`` of the given inputs. ``--weights`` follow the order the input options
+    appear in ``argv``; inputs set only in a config file follow, in :data:`MEDIA` order."""
     order: list[str] = []
     for token in argv:
         name = token[2:].split("=", 1)[0] if token.startswith("--") else None
-        if name in MEDIA and getattr(args, name) is not None and name not in order:
+        if name in MEDIA and getattr(inputs, name) is not None and name not in order:
             order.append(name)
+    order += [m for m in MEDIA if getattr(inputs, m) is not None and m not in order]
     weights = [1.0] * len(order)
-    if args.weights:
+    if inputs.weights:
         try:
-            weights = [float(w) for w in args.weights.split(",")]
+            weights = [float(w) for w in str(inputs.weights).split(",")]
         except ValueError:
-            raise ValueError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
+            raise ValueError(f"--weights {inputs.weights!r}: expected comma-separated numbers") from None
         if len(weights) != len(order):
             raise ValueError(f"--weights has {len(weights)} values for {len(order)} inputs ({', '.join(order)})")
-    return {name: (getattr(args, name), w) for name, w in zip(order, weights)}
+    return {name: (getattr(inputs, name), w) for name, w in zip(order, weights)}
 
 
-def load_from_args(args: argparse.Namespace) -> InferenceModel:
-    """``ibllm.load`` with the parsed options."""
-    return load(adapter=args.adapter, llama=args.llama, tokenizer=args.tokenizer, imagebind=args.imagebind,
-                cache=args.cache, device=args.device, dtype=args.dtype, imagebind_preset=args.imagebind_preset,
-                max_seq_len=args.max_seq_len, check_base=not args.no_check_base, merge=args.merge)
+def load_model(options: ModelOptions) -> InferenceModel:
+    """``ibllm.load`` with the model options."""
+    return load(adapter=options.adapter, llama=options.llama, tokenizer=options.tokenizer,
+                imagebind=options.imagebind, cache=options.cache, device=options.device, dtype=options.dtype,
+                imagebind_preset=options.imagebind_preset, max_seq_len=options.max_seq_len,
+                check_base=options.check_base, merge=options.merge)
 
 
 def one_line(err: BaseException) -> str:
@@ -75,4 +129,3 @@ def fail(err: BaseException) -> None:
     """Print ``error: ...`` (one line) to stderr and exit with status 1."""
     print(f"error: {one_line(err)}", file=sys.stderr)
     raise SystemExit(1)
-

@@ -21,12 +21,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Literal
 
 import torch
 
@@ -40,9 +40,11 @@ from ibllm.evaluation.runner import (claim_output, mme_rows, predict_answers, re
                                      summary_lines, wait_for_claim, write_answers)
 from ibllm.processing.shards import world_info
 from ibllm.stage0_recipe import file_sha256
+from ibllm.verbs.registry import parse, verb
+from ibllm.verbs.registry import run as run_verb
 
 
-def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+def load_model(args: SimpleNamespace) -> tuple[Any, Any]:
     """(ImageBindLLM, tokenizer) for the evaluation, via :func:`ibllm.load` (seeded: random preset weights
     are the same in every process)."""
     torch.manual_seed(args.seed)
@@ -52,49 +54,66 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     return loaded.model, loaded.tokenizer
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m ibllm evaluate``."""
-    p = argparse.ArgumentParser(prog="python -m ibllm evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True, help=f"data folder (layouts: ibllm.evaluation.readers) or {EASY_VQA}[:test|:train]")
-    p.add_argument("--out", default=None, help="output folder (default: eval/<task>)")
-    p.add_argument("--dataset", default=None, help="dataset name for the paper column (e.g. TextVQA, IIIT5K, NoCaps)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    m = p.add_argument_group("model")
-    m.add_argument("--checkpoint", default=None, help="adapter: our Lightning checkpoint / export, or an official file")
-    m.add_argument("--llm", "--llama", dest="llm", default=None, help="base LLM (default: recorded in the checkpoint)")
-    m.add_argument("--tokenizer", default=None, help="tokenizer file (default: the LLM's)")
-    m.add_argument("--imagebind", default=None, help="ImageBind preset (default: inferred from the weights)")
-    m.add_argument("--imagebind-weights", default=None, help="ImageBind weights (default: recorded in the checkpoint)")
-    m.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    d = p.add_argument_group("decoding (defaults: the paper's)")
-    d.add_argument("--temperature", type=float, default=None, help="default 0.1 (0 = greedy)")
-    d.add_argument("--top-p", type=float, default=None, help="default 0.75")
-    d.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer tokens, default 256")
-    d.add_argument("--max-new-tokens", type=int, default=None, help="default 16 for captions, 256 otherwise")
-    d.add_argument("--bgr", action="store_true", help="feed BGR images like LVLM-eHub's wrapper (a quirk)")
-    d.add_argument("--no-template", action="store_true", help="raw instruction, without the Alpaca template")
-    d.add_argument("--seed", type=int, default=0)
-    r = p.add_argument_group("run")
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--accelerator", default="auto")
-    r.add_argument("--devices", default="1", help="devices (= processes) to spread the samples over")
-    r.add_argument("--num-nodes", type=int, default=1)
-    r.add_argument("--restart", dest="on_change", action="store_const", const="always", default="error",
-                   help="discard answers already in --out (default: resume them; an error if they came from "
-                        "another checkpoint, data or decoding settings)")
-    return p
+@verb("evaluate", aliases={"--llama": "--llm"}, description=__doc__)
+def evaluate_command(task: Literal[TASKS], data: str, out: str | None = None, dataset: str | None = None,
+                     limit: int | None = None, checkpoint: str | None = None, llm: str | None = None,
+                     tokenizer: str | None = None, imagebind: str | None = None, imagebind_weights: str | None = None,
+                     dtype: str | None = None, temperature: float | None = None, top_p: float | None = None,
+                     max_seq_len: int | None = None, max_new_tokens: int | None = None, bgr: bool = False,
+                     template: bool = True, seed: int = 0, batch_size: int = 8, accelerator: str = "auto",
+                     devices: str = "1", num_nodes: int = 1, restart: bool = False) -> dict[str, float] | None:
+    """Evaluate a checkpoint; returns the metrics on rank 0 (None on other ranks).
+
+    Args:
+        task: which benchmark protocol
+        data: data folder (layouts: ibllm.evaluation.readers) or easy-vqa[:test|:train]
+        out: output folder (default: eval/<task>)
+        dataset: dataset name for the paper column (e.g. TextVQA, IIIT5K, NoCaps)
+        limit: evaluate only the first N samples
+        checkpoint: adapter: our Lightning checkpoint / export, or an official file
+        llm: base LLM (default: recorded in the checkpoint)
+        tokenizer: tokenizer file (default: the LLM's)
+        imagebind: ImageBind preset (default: inferred from the weights)
+        imagebind_weights: ImageBind weights (default: recorded in the checkpoint)
+        dtype: float32 (default), bfloat16, float16
+        temperature: default 0.1 (0 = greedy)
+        top_p: default 0.75
+        max_seq_len: prompt + answer tokens, default 256
+        max_new_tokens: default 16 for captions, 256 otherwise
+        bgr: feed BGR images like LVLM-eHub's wrapper (a quirk)
+        template: the Alpaca template (false, or --no-template: the raw instruction)
+        seed: sampling seed
+        batch_size: samples per generation batch
+        accelerator: Lightning accelerator
+        devices: devices (= processes) to spread the samples over
+        num_nodes: nodes
+        restart: discard answers already in --out (default: resume them; an error if they came from another
+            checkpoint, data or decoding settings)
+    """
+    args = SimpleNamespace(**{k: v for k, v in locals().items()}, on_change="always" if restart else "error")
+    try:
+        metrics = run(args)
+    except (DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    shutdown_process_group()
+    return metrics
 
 
-def settings_from(args: argparse.Namespace) -> EvalSettings:
+def evaluate_args(argv: Sequence[str]) -> SimpleNamespace:
+    """The settings :func:`run` takes, from ``python -m ibllm evaluate`` options (raises
+    :class:`~ibllm.verbs.errors.CommandLineError` for a bad one)."""
+    values = parse("evaluate", argv)
+    return SimpleNamespace(**values, on_change="always" if values["restart"] else "error")
+
+
+def settings_from(args: SimpleNamespace) -> EvalSettings:
     """:class:`EvalSettings` with the command-line overrides."""
     return EvalSettings().with_overrides(temperature=args.temperature, top_p=args.top_p, max_seq_len=args.max_seq_len,
                                          max_new_tokens=args.max_new_tokens, bgr=args.bgr or None,
-                                         template=False if args.no_template else None, seed=args.seed)
+                                         template=None if args.template else False, seed=args.seed)
 
 
-def run_identity(args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]:
+def run_identity(args: SimpleNamespace, settings: EvalSettings) -> dict[str, Any]:
     """What makes answers reusable: task, data, model files (the checkpoint by sha256) and decoding settings."""
     checkpoint = args.checkpoint
     return {"task": args.task, "data": str(args.data), "checkpoint": checkpoint,
@@ -103,7 +122,7 @@ def run_identity(args: argparse.Namespace, settings: EvalSettings) -> dict[str, 
             "imagebind_weights": args.imagebind_weights, "dtype": args.dtype, "settings": asdict(settings)}
 
 
-def run(args: argparse.Namespace) -> dict[str, float] | None:
+def run(args: SimpleNamespace) -> dict[str, float] | None:
     """Everything ``evaluate`` does; returns the metrics on rank 0 (None on other ranks)."""
     settings = settings_from(args)
     samples = read_task(args.task, args.data, args.limit)
@@ -141,11 +160,6 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     """``python -m ibllm evaluate ...``."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    shutdown_process_group()
+    return run_verb("evaluate", argv)

@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
 from ibllm.checkpoints import export as export_module
-from ibllm.checkpoints.export import FORMATS, export
+from ibllm.checkpoints.export import export
 from ibllm.cli.common import RECOVERABLE, fail
+from ibllm.verbs.registry import run, verb
+
+
+@verb("export", positional=("ckpt", "out"), aliases={"--llm": "--llama"}, description=export_module.__doc__)
+def export_command(ckpt: str, out: str, format: Literal["official", "safetensors", "merged"],
+                   stage: Literal["pretrain", "finetune"] | None = None, init_from: str | None = None,
+                   llama: str | None = None, tokenizer: str | None = None, imagebind: str | None = None,
+                   force: bool = False, check_base: bool = True) -> Path:
+    """Export (or import) an adapter: ``CKPT --format official|safetensors|merged OUT``.
+
+    Args:
+        ckpt: our checkpoint / safetensors export, or an official 7B.pth / 7B-pretrained.pth
+        out: output file (official, safetensors) or folder (merged)
+        format: the layout to write
+        stage: default: the checkpoint's stage
+        init_from: stage-1 file to complete a stage-2 checkpoint with
+        llama: merged: base model (default: recorded in CKPT)
+        tokenizer: merged: tokenizer file (default: the base model's)
+        imagebind: merged: encoder weights to record (default: recorded in CKPT)
+        force: replace an existing output
+        check_base: merged: fail on a base-model mismatch (false, or --no-check-base: warn instead)
+    """
+    try:
+        written = export(ckpt, format, out, stage, init_from, llama, tokenizer, imagebind, force, check_base)
+    except RECOVERABLE as e:
+        fail(e)
+    print(f"wrote {written}")
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m ibllm export CKPT --format official|safetensors|merged OUT``."""
-    parser = argparse.ArgumentParser(prog="python -m ibllm export", description=export_module.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt", help="our checkpoint / safetensors export, or an official 7B.pth / 7B-pretrained.pth")
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("out", help="output file (official, safetensors) or folder (merged)")
-    parser.add_argument("--stage", choices=("pretrain", "finetune"), help="default: the checkpoint's stage")
-    parser.add_argument("--init-from", help="stage-1 file to complete a stage-2 checkpoint with")
-    parser.add_argument("--llama", "--llm", dest="llama", help="merged: base model (default: recorded in CKPT)")
-    parser.add_argument("--tokenizer", help="merged: tokenizer file (default: the base model's)")
-    parser.add_argument("--imagebind", help="merged: encoder weights to record (default: recorded in CKPT)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output")
-    parser.add_argument("--no-check-base", action="store_true", help="merged: warn instead of failing on a "
-                                                                     "base-model mismatch")
-    args = parser.parse_args(argv)
-    try:
-        written = export(args.ckpt, args.format, args.out, args.stage, args.init_from, args.llama, args.tokenizer,
-                         args.imagebind, args.force, not args.no_check_base)
-    except RECOVERABLE as e:
-        fail(e)
-    print(f"wrote {written}")
+    run("export", argv)

@@ -8,12 +8,12 @@ digit (the stage-1 demo metric). ``python -m ibllm crossmodal`` (``make crossmod
 
 from __future__ import annotations
 
-import argparse
-import json
+import json as json_module
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from ibllm.demos.digits.callbacks import greedy_answers, read_labelled_shards
 from ibllm.demos.digits.captions import DIGIT_WORDS, caption_names_digit
 from ibllm.processing.image import load_image
 from ibllm.processing.templates import caption_prompt
+from ibllm.verbs.registry import run, verb
 
 DEFAULT_ADAPTER = Path("runs/demo_pretrain/checkpoints/last.ckpt")
 # Text inputs of the experiment: phrasings no training caption uses (see
@@ -152,35 +153,34 @@ def markdown_table(results: Sequence[CellResult]) -> str:
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-def build_parser() -> argparse.ArgumentParser:
-    """``python -m ibllm crossmodal`` arguments."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ibllm crossmodal",
-        description="Cross-modal transfer on the demo (paper Fig. 4): bind a spoken-digit audio tower to the frozen "
-                    "demo vision tower (once; espeak-ng), then caption held-out images, text phrases and spoken "
-                    "digits with the image-only stage-1 model, naive and with the visual cache. Prints one line "
-                    "per cell: crossmodal_accuracy input=audio cache=on: 0.xx")
-    parser.add_argument("--root", default=str(DEFAULT_ROOT), help="demo assets folder (default %(default)s)")
-    parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER),
-                        help="stage-1 checkpoint trained on images only (default %(default)s)")
-    parser.add_argument("--llama", default=None, help="base LLM (default: the one recorded in the adapter)")
-    parser.add_argument("--cache", default=None, help="visual cache folder (default ROOT/cache)")
-    parser.add_argument("--cache-k", type=int, default=10, help="neighbours per query (default %(default)s)")
-    parser.add_argument("--cache-t", type=float, default=20.0, help="cache softmax temperature (default %(default)s)")
-    parser.add_argument("--cache-w", type=float, default=0.5, help="cache weight (default %(default)s)")
-    parser.add_argument("--audio-steps", type=int, default=None, help="override the audio tower's step count")
-    parser.add_argument("--inputs", default=",".join(INPUTS), help="comma list of image,text,audio (default all)")
-    parser.add_argument("--limit", type=int, default=None, help="at most N held-out images (default all)")
-    parser.add_argument("--batch-size", type=int, default=60, help="captions per generation batch")
-    parser.add_argument("--examples", type=int, default=3, help="example captions printed per cell")
-    parser.add_argument("--json", default=None, help="also write the results (and table) to this JSON file")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
+@verb("crossmodal")
+def crossmodal_command(root: str = str(DEFAULT_ROOT), adapter: str = str(DEFAULT_ADAPTER), llama: str | None = None,
+                       cache: str | None = None, cache_k: int = 10, cache_t: float = 20.0, cache_w: float = 0.5,
+                       audio_steps: int | None = None, inputs: str = ",".join(INPUTS), limit: int | None = None,
+                       batch_size: int = 60, examples: int = 3, json: str | None = None,
+                       quiet: bool = False) -> list[CellResult]:
+    """Cross-modal transfer on the demo (paper Fig. 4): bind a spoken-digit audio tower to the frozen demo
+    vision tower (once; espeak-ng), then caption held-out images, text phrases and spoken digits with the
+    image-only stage-1 model, naive and with the visual cache. Prints one line per cell:
+    crossmodal_accuracy input=audio cache=on: 0.xx
 
-
-def main(argv: Sequence[str] | None = None) -> list[CellResult]:
-    """Entry point of ``python -m ibllm crossmodal``."""
-    args = build_parser().parse_args(argv)
+    Args:
+        root: demo assets folder
+        adapter: stage-1 checkpoint trained on images only
+        llama: base LLM (default: the one recorded in the adapter)
+        cache: visual cache folder (default ROOT/cache)
+        cache_k: neighbours per query
+        cache_t: cache softmax temperature
+        cache_w: cache weight
+        audio_steps: override the audio tower's step count
+        inputs: comma list of image,text,audio
+        limit: at most N held-out images (default all)
+        batch_size: captions per generation batch
+        examples: example captions printed per cell
+        json: also write the results (and table) to this JSON file
+        quiet: no progress bars
+    """
+    args = SimpleNamespace(**locals())
     root = Path(args.root)
     wanted = [m.strip() for m in args.inputs.split(",") if m.strip()]
     bad = [m for m in wanted if m not in INPUTS]
@@ -225,5 +225,10 @@ def main(argv: Sequence[str] | None = None) -> list[CellResult]:
                               "n": r.n, "examples": r.examples[:10]} for r in results],
                    "table": table, "audio_tower": encoder.info["accuracy"], "adapter": str(adapter),
                    "cache": str(cache_dir), "text_templates": list(TEXT_TEMPLATES)}
-        write_bytes_atomic(Path(args.json), json.dumps(payload, indent=1).encode())
+        write_bytes_atomic(Path(args.json), json_module.dumps(payload, indent=1).encode())
     return results
+
+
+def main(argv: Sequence[str] | None = None) -> list[CellResult]:
+    """Entry point of ``python -m ibllm crossmodal``."""
+    return run("crossmodal", argv)

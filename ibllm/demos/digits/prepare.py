@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 from ibllm.demos.digits.data import write_digit_instructions, write_digit_shards
 from ibllm.demos.digits.towers import build_demo_encoder
+from ibllm.verbs.registry import run, verb
 
 DEFAULT_ROOT = Path("data/demo")
 
@@ -33,13 +33,18 @@ def prepare_demo(root: str | Path = DEFAULT_ROOT, seed: int = 0, stage0_steps: i
     return {"train": shards.train_pattern, "heldout": shards.heldout_pattern, "encoder": str(root / "encoder.safetensors")}
 
 
+@verb("demo prepare")
+def prepare_command(root: str = str(DEFAULT_ROOT), seed: int = 0, stage0_steps: int | None = None) -> dict[str, str]:
+    """Build the demo data and stage-0 towers (once; later calls reuse the files).
+
+    Args:
+        root: where the demo assets go
+        seed: split / caption / stage-0 seed
+        stage0_steps: override the stage-0 step count
+    """
+    return prepare_demo(root, seed, stage0_steps)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m ibllm demo prepare``."""
-    parser = argparse.ArgumentParser(prog="python -m ibllm demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["prepare"], help="build the demo data and stage-0 towers")
-    parser.add_argument("--root", default=str(DEFAULT_ROOT), help="where the demo assets go (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="split / caption / stage-0 seed (default: %(default)s)")
-    parser.add_argument("--stage0-steps", type=int, default=None, help="override the stage-0 step count")
-    args = parser.parse_args(argv)
-    prepare_demo(args.root, args.seed, args.stage0_steps)
+    run("demo", argv)

@@ -8,7 +8,6 @@ text) and a JSON with the recipe and accuracies; ``python -m ibllm bind`` runs i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from ibllm.models.imagebind import ImageBindModel
 from ibllm.processing.clip_tokenizer import tokenize
 from ibllm.stage0 import EpochSampler, bind_towers, branch_logit_scale, model_embed, sample_class_captions
 from ibllm.stage0_recipe import BindRecipe, TowerFile, existing_tower_info, info_path_for, save_state_dict
+from ibllm.verbs.registry import run, verb
 
 RECIPE_VERSION = 1
 
@@ -110,7 +110,13 @@ def digit_eval_fn(pixels: Tensor, labels: Tensor, crops_per_image: int = 3, seed
 
 @dataclass
 class DemoRecipe(BindRecipe):
-    """Everything that determines the demo encoder (its hash names the file's content)."""
+    """Everything that determines the demo encoder (its hash names the file's content).
+
+    Attributes:
+        stem_lr_scale: learning-rate factor of the patch stems (trained from scratch here)
+        templates: the caption templates
+        version: the recipe code's version (a change retrains)
+    """
 
     stem_lr_scale: float = 0.03
     templates: tuple[str, ...] = CAPTION_TEMPLATES
@@ -182,45 +188,34 @@ def build_demo_encoder(out_path: str | Path, seed: int = 0, *, steps: int | None
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-def build_parser() -> argparse.ArgumentParser:
-    """``python -m ibllm bind`` arguments."""
-    defaults = DemoRecipe()
-    parser = argparse.ArgumentParser(
-        prog="python -m ibllm bind",
-        description="Train the embedded demo's ImageBind encoder (stage 0): bind the vision and text towers "
-                    "of the 'demo' preset on scikit-learn's handwritten digits with class-aware InfoNCE. "
-                    "Writes an ImageBind-layout state dict (vision + text) and a JSON report next to it; "
-                    "reruns with the same recipe return the existing file without training.",
-        epilog="Example: python -m ibllm bind --out runs/demo/imagebind_demo.safetensors  "
-               "(load it with ibllm.models.imagebind.load_imagebind(path, 'demo', ['vision', 'text']))")
-    parser.add_argument("--out", required=True, help="encoder file (.safetensors, or .pth/.pt for torch.save)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="seed of the split, the initialisation and the sampling (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help="images per step (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warmup steps (default %(default)s)")
-    parser.add_argument("--config", default=defaults.cfg,
-                        help="ImageBind preset whose vision/text towers are trained (default %(default)s)")
-    parser.add_argument("--no-augment", action="store_true", help="train without the stage-1 crop augmentation")
-    parser.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
-    parser.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: end only)")
-    parser.add_argument("--force", action="store_true", help="retrain even if a matching encoder exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
+@verb("bind", flat=("recipe",), skip=("templates", "version"), aliases={"--fp32": "--bf16=false"},
+      config_fallback="--cfg",
+      epilog="Example: python -m ibllm bind --out runs/demo/imagebind_demo.safetensors (load it with "
+             "ibllm.models.imagebind.load_imagebind(path, 'demo', ['vision', 'text'])); the recipe as YAML: "
+             "--config experiments/stage0_digits.yaml. --config PRESET (not a file) still names the preset (--cfg).")
+def bind_command(out: str, recipe: DemoRecipe = DemoRecipe(), eval_every: int = 0, force: bool = False,
+                 quiet: bool = False) -> DemoEncoder:
+    """Train the embedded demo's ImageBind encoder (stage 0): bind the vision and text towers of the 'demo'
+    preset on scikit-learn's handwritten digits with class-aware InfoNCE. Writes an ImageBind-layout state
+    dict (vision + text) and a JSON report next to it; reruns with the same recipe return the existing file
+    without training. Prints a one-line summary.
 
-
-def main(argv: Sequence[str] | None = None) -> DemoEncoder:
-    """Entry point of ``python -m ibllm bind``; prints a one-line summary and returns the result."""
-    args = build_parser().parse_args(argv)
-    recipe = DemoRecipe(cfg=args.config, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        warmup=args.warmup, augment=not args.no_augment, bf16=not args.fp32)
-    result = build_demo_encoder(args.out, recipe=recipe, force=args.force, progress=not args.quiet,
-                                eval_every=args.eval_every)
+    Args:
+        out: encoder file (.safetensors, or .pth/.pt for torch.save)
+        recipe: the stage-0 recipe (every field an option; its hash names the file's content)
+        eval_every: held-out evaluation every N steps (0: end only)
+        force: retrain even if a matching encoder exists
+        quiet: no progress bar
+    """
+    result = build_demo_encoder(out, recipe=recipe, force=force, progress=not quiet, eval_every=eval_every)
     acc = result.info["accuracy"]
     state = "trained" if result.trained else "up to date (recipe hash matches; not retrained)"
     print(f"{result.path}: {state}; held-out zero-shot accuracy {acc['heldout_centre']:.3f} (centre), "
           f"{acc['heldout_crop']:.3f} (stage-1 crops); train {result.info['train_seconds']} s; "
           f"report {result.info_path}")
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> DemoEncoder:
+    """Entry point of ``python -m ibllm bind``; returns the result."""
+    return run("bind", argv)

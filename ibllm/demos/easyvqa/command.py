@@ -18,30 +18,34 @@ official MME parsing), both through ``python -m ibllm evaluate --data easy-vqa``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from ibllm.atomic import write_text_atomic
+from ibllm.cli.evaluate import evaluate_args
+from ibllm.cli.evaluate import run as run_evaluation
 from ibllm.demos.easyvqa.data import COLORS, write_easyvqa_instructions, write_easyvqa_shards
 from ibllm.demos.easyvqa.towers import EasyVQARecipe, build_easyvqa_encoder
 from ibllm.distributed import shutdown_process_group
 from ibllm.evaluation.readers import DataError
-from ibllm.cli.evaluate import build_parser, run
 from ibllm.evaluation.vqa import vqa_accuracy
+from ibllm.verbs.errors import CommandLineError, report
+from ibllm.verbs.registry import run, verb
 
 DEFAULT_ROOT = Path("data/easyvqa")
 
 
 def prepare_easyvqa(root: str | Path = DEFAULT_ROOT, seed: int = 0, stage0_steps: int | None = None,
-                    force: bool = False, progress: bool = True, balance_yes_no: bool = False) -> dict[str, str]:
-    """Build every easy-VQA demo asset under ``root`` (idempotent) and return their paths."""
+                    force: bool = False, progress: bool = True, balance_yes_no: bool = False,
+                    recipe: EasyVQARecipe | None = None) -> dict[str, str]:
+    """Build every easy-VQA demo asset under ``root`` (idempotent) and return their paths. ``recipe``: the
+    stage-0 recipe (default: ``EasyVQARecipe(seed=seed)``); ``stage0_steps`` overrides its steps."""
     root = Path(root)
     shards = write_easyvqa_shards(root / "shards", seed=seed)
     instructions = write_easyvqa_instructions(root / "instructions", seed=seed, balance=balance_yes_no)
-    recipe = EasyVQARecipe(seed=seed)
+    recipe = recipe or EasyVQARecipe(seed=seed)
     if stage0_steps is not None:
         recipe = dataclasses.replace(recipe, steps=stage0_steps)
     encoder = build_easyvqa_encoder(root / "encoder.safetensors", recipe, force=force, progress=progress)
@@ -74,11 +78,11 @@ def evaluate_easyvqa(checkpoint: str, out: str | Path = DEFAULT_EVAL_DIR, extra:
         raise FileNotFoundError(f"no checkpoint {checkpoint}: train first (make eval does both stages)")
     results = {}
     for task in ("vqa", "mme"):
-        args = build_parser().parse_args(["--task", task, "--data", "easy-vqa", "--out", str(Path(out) / task),
-                                          "--checkpoint", checkpoint, "--max-new-tokens", str(EVAL_MAX_NEW_TOKENS),
-                                          "--batch-size", "32", "--dtype", EVAL_DTYPE, *extra])
+        args = evaluate_args(["--task", task, "--data", "easy-vqa", "--out", str(Path(out) / task),
+                              "--checkpoint", checkpoint, "--max-new-tokens", str(EVAL_MAX_NEW_TOKENS),
+                              "--batch-size", "32", "--dtype", EVAL_DTYPE, *extra])
         args.on_change = "always" if args.on_change == "always" else "restart"
-        metrics = run(args)
+        metrics = run_evaluation(args)
         if metrics is not None:  # None on the other ranks of a multi-process evaluation: they only answer
             results[task] = metrics
     if not results:
@@ -108,36 +112,51 @@ def accuracy_by_answer_type(answers_file: Path) -> dict[str, tuple[float, int]]:
             for kind in ("yes/no", "colour", "shape") if kind in groups}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ibllm easyvqa prepare|evaluate``."""
-    parser = argparse.ArgumentParser(prog="python -m ibllm easyvqa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="evaluate passes unknown flags on to `python -m ibllm evaluate` "
-                                            "(e.g. --limit 200 --temperature 0 --devices 2)")
-    parser.add_argument("action", choices=["prepare", "evaluate"],
-                        help="prepare: shards, instructions, stage-0 towers; evaluate: score a checkpoint on the test split")
-    parser.add_argument("--root", default=str(DEFAULT_ROOT), help="prepare: where the assets go (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="prepare: caption / stage-0 seed (default: %(default)s)")
-    parser.add_argument("--stage0-steps", type=int, default=None,
-                        help=f"prepare: stage-0 optimizer steps (default: {EasyVQARecipe.steps})")
-    parser.add_argument("--force", action="store_true", help="prepare: retrain the towers even if a matching file exists")
-    parser.add_argument("--quiet", action="store_true", help="prepare: no progress bar")
-    parser.add_argument("--balance-yes-no", action="store_true",
-                        help="prepare: repeat yes/no questions until yes and no are equally frequent per kind of "
-                             "question (delete runs/easyvqa_finetune to retrain stage 2 on the new file)")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="evaluate: the adapter (default: %(default)s)")
-    parser.add_argument("--out", default=str(DEFAULT_EVAL_DIR), help="evaluate: results folder (default: %(default)s)")
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.action == "prepare":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+@verb("easyvqa prepare", flat=("recipe",), skip=("templates", "version", "dataset"),
+      aliases={"--stage0-steps": "--steps", "--fp32": "--bf16=false"}, description=__doc__)
+def prepare_command(root: str = str(DEFAULT_ROOT), recipe: EasyVQARecipe = EasyVQARecipe(), force: bool = False,
+                    quiet: bool = False, balance_yes_no: bool = False) -> dict[str, str]:
+    """Shards, instructions and stage-0 towers (``--config experiments/stage0_easyvqa.yaml``: the recipe as YAML).
+
+    Args:
+        root: where the assets go
+        recipe: the stage-0 recipe (its seed also draws the captions and instructions)
+        force: retrain the towers even if a matching file exists
+        quiet: no progress bar
+        balance_yes_no: repeat yes/no questions until yes and no are equally frequent per kind of question
+            (delete runs/easyvqa_finetune to retrain stage 2 on the new file)
+    """
     try:
-        if args.action == "prepare":
-            prepare_easyvqa(args.root, args.seed, args.stage0_steps, force=args.force, progress=not args.quiet,
-                            balance_yes_no=args.balance_yes_no)
-            return
-        scores = evaluate_easyvqa(args.checkpoint, args.out, extra)
+        return prepare_easyvqa(root, recipe.seed, force=force, progress=not quiet, balance_yes_no=balance_yes_no,
+                               recipe=recipe)
+    except (DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+@verb("easyvqa evaluate", rest="extra", description=__doc__,
+      epilog="Options not listed here go on to `python -m ibllm evaluate` (e.g. --limit 200 --temperature 0 "
+             "--devices 2)")
+def evaluate_command(checkpoint: str = DEFAULT_CHECKPOINT, out: str = str(DEFAULT_EVAL_DIR),
+                     extra: list[str] | None = None) -> dict[str, float]:
+    """Score a checkpoint on the test split (``make eval``); prints ``easyvqa_accuracy`` and the MME-style score.
+
+    Args:
+        checkpoint: the adapter
+        out: results folder
+        extra: more ``python -m ibllm evaluate`` options
+    """
+    try:
+        scores = evaluate_easyvqa(checkpoint, out, extra or ())
+    except CommandLineError as e:
+        report("python -m ibllm easyvqa evaluate", str(e))
     except (DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     shutdown_process_group()
     for name, value in scores.items():
         print(f"{name}: {value:.2f}", flush=True)
+    return scores
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ibllm easyvqa prepare|evaluate``."""
+    run("easyvqa", argv)
