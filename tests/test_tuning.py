@@ -1,4 +1,4 @@
-"""The one stage filter: SPEC §1.3 trainable sets, counts and optimizer groups."""
+"""The one stage filter: the trainable sets of each stage, their counts, optimizer groups and the schedule."""
 
 import pytest
 import torch
@@ -58,6 +58,17 @@ def test_weight_decay_groups():
     decay, no_decay = tuning.optimizer_groups(model, "finetune", 0.02)
     assert all("lora" in names[id(p)] for p in decay["params"])
     assert all("norm" in names[id(p)] or names[id(p)].endswith(".bias") for p in no_decay["params"])
+
+
+def test_decay_rule_keeps_order_and_spares_marked_names():
+    named = [("a.weight", torch.nn.Parameter(torch.zeros(2, 2))), ("a.bias", torch.nn.Parameter(torch.zeros(2, 1))),
+             ("tok.token_embedding.weight", torch.nn.Parameter(torch.zeros(3, 2))),
+             ("b.scale", torch.nn.Parameter(torch.zeros(2))), ("c.weight", torch.nn.Parameter(torch.zeros(1, 2, 2)))]
+    decay, no_decay = tuning.decay_groups(named, 0.1, no_decay_markers=("token_embedding",))
+    params = dict(named)
+    assert decay == {"params": [params["a.weight"], params["c.weight"]], "weight_decay": 0.1}
+    assert no_decay["params"] == [params["a.bias"], params["tok.token_embedding.weight"], params["b.scale"]]
+    assert no_decay["weight_decay"] == 0.0
 
 
 def test_trainable_state_dict_holds_only_the_stage(models_7b):
