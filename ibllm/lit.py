@@ -8,11 +8,17 @@ LLaMA / ImageBind weights: those are rebuilt from the same base files on resume.
 from __future__ import annotations
 
 import math
+import signal
+import sys
 import time
+from argparse import ArgumentError
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from ibllm import tuning
@@ -20,8 +26,12 @@ from ibllm.build import build_model, build_model_on_meta, finish_on_meta, load_t
 from ibllm.checkpoints.adapters import base_fingerprint, load_trainable
 from ibllm.checkpoints.lightning_io import use_atomic_checkpoint_io
 from ibllm.checkpoints.recovery import check_finite_trainables, reset_optimizer_state, resolve_resume
+from ibllm.lit_config import PLACEHOLDER, unfilled_placeholders  # noqa: F401 - also importable from here
+from ibllm.lit_config import BASE_CONFIG, explicit_data_tokenizers, link_run_arguments, tokenizer_conflict
 from ibllm.models.ibllm import ImageBindLLM, lm_loss, loss_positions, selected_lm_loss
 from ibllm.processing.shards import SkipTally
+from ibllm.verbs.errors import CommandLineError, check_yaml_files, explain, report
+from ibllm.verbs.registry import PROG
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps")
@@ -72,6 +82,8 @@ class ImageBindLLMModule(L.LightningModule):
             shards (base weights memory-mapped); False builds the whole model on every rank first.
         reset_optimizer: on resume, start AdamW moments afresh and put the lr schedule's peak at this run's
             ``lr`` / ``blr`` (the schedule keeps its position); for recovering from a divergence.
+        batch_size: samples per process and step, for ``blr`` (the command line links it from
+            ``data.init_args.batch_size``).
     """
 
     stage: str = "finetune"
@@ -82,7 +94,8 @@ class ImageBindLLMModule(L.LightningModule):
                  weight_decay: float = 0.05, warmup_steps: int = 0, warmup_fraction: float | None = None,
                  min_lr: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), frozen_dtype: str = "float32",
                  sample_every_n_steps: int = 0, sample_max_gen_len: int = 24, seed: int = 0,
-                 activation_checkpointing: bool = False, reset_optimizer: bool = False, meta_init: bool = True) -> None:
+                 activation_checkpointing: bool = False, reset_optimizer: bool = False, meta_init: bool = True,
+                 batch_size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: ImageBindLLM | None = None
@@ -196,9 +209,10 @@ class ImageBindLLMModule(L.LightningModule):
         """Absolute lr, from ``blr`` x global batch / 256 when ``blr`` is set."""
         if self.hparams.blr is None:
             return self.hparams.lr
-        batch = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
+        batch = self.hparams.get("batch_size")
         if batch is None:
-            raise ValueError("blr needs the data module's batch_size to compute the global batch")
+            raise ValueError("blr needs batch_size (samples per process and step) to compute the global batch; "
+                             "the command line links it from data.init_args.batch_size")
         return self.hparams.blr * batch * self.trainer.accumulate_grad_batches * self.trainer.world_size / 256
 
     def configure_optimizers(self):
@@ -249,64 +263,102 @@ class FinetuneModule(ImageBindLLMModule):
     stage = "finetune"
 
 
-PLACEHOLDER = "FILL_IN"
+class ImageBindLightningCLI(LightningCLI):
+    """LightningCLI with the shared defaults of ``experiments/base.yaml`` read first, the checkpoint, exception
+    checkpoint, lr and gate monitors as configurable callbacks (``--checkpoint.*``, ``--exception_checkpoint``,
+    ``--lr_monitor.*``, ``--gate_monitor``), and the links of :func:`ibllm.lit_config.link_run_arguments`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        base = [str(BASE_CONFIG)] if BASE_CONFIG.is_file() else []
+        for sub in self.subcommands():  # (base.yaml holds fit's weights_only: only the subcommands read it)
+            parser_kwargs[sub] = {"default_config_files": base, **(parser_kwargs.get(sub) or {})}
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(L.Callback, "exception_checkpoint", subclass_mode=True, required=False)
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(L.Callback, "gate_monitor", subclass_mode=True, required=False)
+        link_run_arguments(parser)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        tokens = sys.argv[1:] if args is None else args
+        if not isinstance(tokens, (list, tuple)):
+            return
+        sub = self.config.get("subcommand")  # (self.subcommand is set after this method)
+        config = self.config[sub] if sub else self.config
+        model = config.get("model")
+        init = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        if init is None or not hasattr(init, "get"):
+            return
+        problem = tokenizer_conflict(explicit_data_tokenizers(tokens), init.get("llm"), init.get("tokenizer"))
+        if problem:
+            parser.error(problem)
+
+    def before_instantiate_classes(self) -> None:
+        missing = unfilled_placeholders(self.config[self.subcommand] if self.subcommand else self.config)
+        if missing:
+            raise SystemExit("the experiment still has placeholder values; set them in the YAML or with "
+                             "flags:\n  " + "\n  ".join(f"--{key}" for key in missing))
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
+        # Shared callbacks switched off (--gate_monitor null), or of a class the experiment lists itself in
+        # trainer.callbacks (its own ModelCheckpoint, ...), are left out.
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        kept = [cb for cb in callbacks if cb is not None
+                and not any(isinstance(own, type(cb)) or isinstance(cb, type(own)) for own in listed)]
+        return super()._instantiate_trainer(config, kept)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer.strategy)  # checkpoints written beside their target, then renamed
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would overwrite the model arguments with the checkpoint's hyper-parameters, so that a
+        # new lr given on resume is ignored; the experiment and its flags define the run, and before_fit
+        # checks the checkpoint (module.on_load_checkpoint checks its stage and LLaMA shape).
+        return
+
+    def before_fit(self) -> None:
+        # "last" (automatic with an exception checkpoint) = the most steps, not the newest file
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = resolve_resume(self.trainer, config.get("ckpt_path"),
+                                             say=lambda text: print(text, file=sys.stderr, flush=True))
+
+    def after_fit(self) -> None:
+        # Result lines of evaluation callbacks end the output, after the progress bar's last redraw.
+        for callback in self.trainer.callbacks:
+            if getattr(callback, "summary", None):
+                print(callback.summary, flush=True)
 
 
-def unfilled_placeholders(config: Any, path: str = "") -> list[str]:
-    """Dotted keys of ``config`` (nested Namespaces / dicts / lists) whose value still starts with FILL_IN."""
-    if hasattr(config, "__dict__") and not isinstance(config, (str, bytes)):
-        config = vars(config)
-    if isinstance(config, dict):
-        return [k for key, value in config.items() for k in unfilled_placeholders(value, f"{path}.{key}" if path else str(key))]
-    if isinstance(config, (list, tuple)):
-        return [k for i, value in enumerate(config) for k in unfilled_placeholders(value, f"{path}[{i}]")]
-    return [path] if isinstance(config, str) and config.startswith(PLACEHOLDER) else []
+def lightning_cli(argv: list[str]) -> ImageBindLightningCLI:
+    """Run ``argv`` (``fit --config X.yaml [--dotted.flags]``) with :class:`ImageBindLightningCLI` (any
+    :class:`ImageBindLLMModule` and LightningDataModule by class path, OmegaConf interpolation on)."""
+    return ImageBindLightningCLI(ImageBindLLMModule, L.LightningDataModule, subclass_mode_model=True,
+                                 subclass_mode_data=True, args=None if argv == sys.argv[1:] else argv,
+                                 parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "prog": PROG},
+                                 save_config_kwargs={"overwrite": True},
+                                 auto_configure_optimizers=False)
 
 
 def run_lightning_cli(argv: list[str]) -> None:
-    """``python -m ibllm fit --config X.yaml [--dotted.flags]`` via LightningCLI (OmegaConf interpolation on)."""
-    import signal
-    import sys
-
-    from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    class CLI(LightningCLI):
-        def before_instantiate_classes(self) -> None:
-            missing = unfilled_placeholders(self.config[self.subcommand] if self.subcommand else self.config)
-            if missing:
-                raise SystemExit("the experiment still has placeholder values; set them in the YAML or with "
-                                 "flags:\n  " + "\n  ".join(f"--{key}" for key in missing))
-
-        def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-            trainer = super().instantiate_trainer(**kwargs)
-            use_atomic_checkpoint_io(trainer.strategy)  # checkpoints written beside their target, then renamed
-            return trainer
-
-        def _parse_ckpt_path(self) -> None:
-            # Lightning would overwrite the model arguments with the checkpoint's hyper-parameters, so that a
-            # new lr given on resume is ignored; the experiment and its flags define the run, and before_fit
-            # checks the checkpoint (module.on_load_checkpoint checks its stage and LLaMA shape).
-            return
-
-        def before_fit(self) -> None:
-            # "last" (automatic with an exception checkpoint) = the most steps, not the newest file
-            config = self.config_init[self.subcommand]
-            config["ckpt_path"] = resolve_resume(self.trainer, config.get("ckpt_path"),
-                                                 say=lambda text: print(text, file=sys.stderr, flush=True))
-
-        def after_fit(self) -> None:
-            # Result lines of evaluation callbacks end the output, after the progress bar's last redraw.
-            for callback in self.trainer.callbacks:
-                if getattr(callback, "summary", None):
-                    print(callback.summary, flush=True)
-
+    """``python -m ibllm fit --config X.yaml [--dotted.flags]``: :func:`lightning_cli`, with SIGTERM as exit status
+    143 and the process group shut down."""
     from ibllm.distributed import shutdown_process_group
 
+    prog = f"{PROG} {argv[0]}" if argv else PROG
     try:
-        CLI(ImageBindLLMModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            args=None if argv == sys.argv[1:] else argv, parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False)
+        check_yaml_files(argv)  # a YAML syntax error names the file and line, not "<unicode string>"
+        lightning_cli(argv)
+    except CommandLineError as err:
+        report(prog, str(err))
+    except ArgumentError as err:  # a bad option or config value: one line (file, key, expected), no usage dump
+        report(prog, explain(err, argv, kebab=False))
     except SIGTERMException:  # Lightning stops with exit status 0; an interrupted run must not look done
         raise SystemExit(128 + signal.SIGTERM) from None
     shutdown_process_group()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import faiss
 import numpy as np
@@ -14,7 +13,6 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from callbacks.cache_builder import CacheBuilder
 from ibllm.build import build_model
 from ibllm.cache import CacheError, VisualCache, load_cache
 from ibllm.cache_build.index import build_index, choose_index, exact_knn, recall_at_k
@@ -306,20 +304,3 @@ def test_rank0_waits_for_missing_ranks(shards, tmp_path):
         cache_main(["--shards", shards["pattern"], "--out", str(tmp_path / "c"), "--imagebind", "tiny",
               "--imagebind-weights", shards["weights"], "--device", "cpu", "--rank", "0", "--world-size", "2",
               "--no-progress", "--wait-timeout", "0"])
-
-
-def test_callback_builds_across_trainer_ranks(shards, tmp_path):
-    model = build_model("tiny", "pretrain", "tiny", shards["weights"])
-    module = SimpleNamespace(hparams={"imagebind": "tiny", "imagebind_weights": shards["weights"]},
-                             model=model, device=torch.device("cpu"))
-    barriers = []
-    out = tmp_path / "cb"
-    callback = CacheBuilder(shards["pattern"], str(out), batch_size=4, workers=1, show_progress=False)
-    for rank in (1, 0):  # the strategy barrier is where the real ranks meet
-        trainer = SimpleNamespace(global_rank=rank, world_size=2, is_global_zero=rank == 0,
-                                  strategy=SimpleNamespace(barrier=lambda *a, **k: barriers.append(rank)))
-        callback.on_train_end(trainer, module)
-        assert callback.summary["shards"] == 1 and callback.summary["shards_encoded"] == 1
-    assert barriers == [1, 1, 0, 0]
-    cache = load_cache(out, dim=32)
-    assert len(cache) == 2 * PER_SHARD
