@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .av_input import open_container
 from .errors import MediaError, check_limit, open_source
 from .video import clip_timepoints
 
@@ -275,9 +276,13 @@ def _decode_soundfile(src, source, target_rate: int | None) -> tuple[np.ndarray,
 
 
 def _decode_pyav(src, source, target_rate: int | None) -> tuple[np.ndarray, int]:
-    import av
+    import av  # imported on use: PyAV is heavy and only this fallback decoder needs it
 
-    with av.open(src if not isinstance(src, Path) else str(src)) as container:
+    try:
+        opened = open_container(src, "audio", source)
+    except MediaError as e:  # read_audio reports it among the decoders' failures
+        raise ValueError(e.reason) from e
+    with opened as container:
         if not container.streams.audio:
             raise ValueError("no audio stream")
         stream = container.streams.audio[0]

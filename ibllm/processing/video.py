@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .av_input import open_container
 from .errors import MediaError, central_span, check_limit, open_source
 from .image import CLIP_MEAN, CLIP_STD
 
@@ -169,21 +170,16 @@ def _scan(container, stream, clips, seek: bool, budget: _Budget) -> tuple[list, 
 def _decode_clip_frames(source, clip_duration: float, clips_per_video: int
                         ) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
     """Decode the video stream once and keep the first and last frame of each clip's ``[start, end)``."""
-    import av
-
     src = open_source(source, "video", VIDEO_EXTENSIONS if isinstance(source, (str, Path)) else None)
 
-    def open_container():
+    def open_video():
         if hasattr(src, "seek"):
             src.seek(0)
-        try:
-            return av.open(str(src) if isinstance(src, Path) else src)
-        except Exception as e:  # noqa: BLE001 - any PyAV/FFmpeg failure is a decode error
-            raise MediaError("video", source, f"cannot open video: {e}") from e
+        return open_container(src, "video", source)
 
     budget = _Budget(source)
     for seek in (True, False):
-        with open_container() as container:
+        with open_video() as container:
             if not container.streams.video:
                 raise MediaError("video", source, "no video stream")
             stream = container.streams.video[0]
