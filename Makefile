@@ -25,13 +25,13 @@ PYTEST_ARGS ?=
 help:
 	@echo "make test                      set up (venv + install) and run the test suite (everything CI runs)"
 	@echo "make test-unit                 the unit tests only (pytest -m 'not system')"
-	@echo "make pretrain [EXP=.. ARGS=..]  stage 1 (default: the embedded CPU demo)"
+	@echo "make pretrain [EXP=.. ARGS=..]  stage 1 (default: the embedded CPU demo, ending with its visual cache)"
 	@echo "make finetune [EXP=.. ARGS=..]  stage 2 (default: the embedded CPU demo, after pretrain)"
 	@echo "make pretrain SLURM=1 NODES=4 GPUS_PER_NODE=8 [PARTITION=.. TIME=.. ACCOUNT=.. CPUS_PER_TASK=..] EXP=..  submit to SLURM"
 	@echo "make chat [ARGS=..]             chat with the demo model (after pretrain / finetune)"
 	@echo "make demo-web [ARGS=..]         the browser demo on the demo model (http://127.0.0.1:7860)"
 	@echo "make serve-api [ARGS=..]        the OpenAI-compatible HTTP API on the demo model (http://127.0.0.1:8000/v1)"
-	@echo "make cache [ARGS=..]            build the visual cache (FAISS) of the demo's training images"
+	@echo "make cache [ARGS=..]            rebuild the visual cache (FAISS) of the demo's training images"
 	@echo "make crossmodal [ARGS=..]       demo cross-modal transfer: caption image/text/audio x cache (after pretrain)"
 	@echo "make eval [ARGS=.. EVAL_ARGS=..] easy-VQA on real data: stage 0+1+2 on its train split, score its test split"
 	@echo "make gpu-wheels                wheels the GPU machine lacks (Python 3.12, manylinux) into .whl/"
@@ -72,6 +72,8 @@ slurm_submit = $(BIN)/python -m ibllm.slurm --config $(1) --nodes $(NODES) --gpu
 	--partition "$(PARTITION)" --time "$(TIME)" --account "$(ACCOUNT)" --cpus-per-task "$(CPUS_PER_TASK)" --args '$(ARGS)' $(if $(EXP),,--prepare-demo)
 
 # Without EXP the embedded demo runs: its data and stage-0 towers are built once (data/demo/), then reused.
+# Each experiment reads experiments/base.yaml first; its run lives in trainer.default_root_dir (runs/<name>).
+# The demo's stage 1 ends by building the visual cache into data/demo/cache (callbacks.cache_builder).
 pretrain: setup
 	$(if $(SBATCH_SUBMIT),$(call slurm_submit,$(or $(EXP),experiments/demo_pretrain.yaml)),$(if $(EXP),,$(BIN)/python -m ibllm demo prepare))
 	$(if $(SBATCH_SUBMIT),,$(BIN)/python -m ibllm fit --config $(or $(EXP),experiments/demo_pretrain.yaml) $(ARGS))
@@ -85,9 +87,10 @@ CHAT_ADAPTER ?= $(firstword $(wildcard runs/demo_finetune/checkpoints/last.ckpt)
 chat: setup
 	@test -f $(CHAT_ADAPTER) || { echo "no demo checkpoint ($(CHAT_ADAPTER)): run make pretrain (and make finetune) first"; exit 1; }
 	$(BIN)/python -m ibllm chat --adapter $(CHAT_ADAPTER) --llama smollm2-135m-instruct \
-		--imagebind data/demo/encoder.safetensors --imagebind-preset demo $(ARGS)
+		--imagebind data/demo/encoder.safetensors --imagebind-preset demo \
+		$(if $(wildcard data/demo/cache/cache.json),--cache data/demo/cache) $(ARGS)
 
-# The browser demo on the same model (with the visual cache when `make cache` has built it).
+# The browser demo on the same model (with the visual cache when `make pretrain` or `make cache` has built it).
 .PHONY: demo-web
 demo-web: setup
 	@test -f $(CHAT_ADAPTER) || { echo "no demo checkpoint ($(CHAT_ADAPTER)): run make pretrain (and make finetune) first"; exit 1; }
@@ -104,8 +107,9 @@ serve-api: setup
 		--imagebind data/demo/encoder.safetensors --imagebind-preset demo \
 		$(if $(wildcard data/demo/cache/cache.json),--cache data/demo/cache) $(ARGS)
 
-# The visual cache (a FAISS index of ImageBind image embeddings) of the demo's training images;
-# for CC3M: python -m ibllm cache --shards ... --imagebind huge.
+# The visual cache (a FAISS index of ImageBind image embeddings) of the demo's training images. `make pretrain`
+# builds it when training finishes; this rebuilds it.
+# For CC3M, experiments/pretrain_7b.yaml builds it after stage 1, or: python -m ibllm cache --shards ... --imagebind huge.
 .PHONY: cache
 cache: setup
 	$(BIN)/python -m ibllm demo prepare

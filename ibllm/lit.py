@@ -265,8 +265,9 @@ class FinetuneModule(ImageBindLLMModule):
 
 class ImageBindLightningCLI(LightningCLI):
     """LightningCLI with the shared defaults of ``experiments/base.yaml`` read first, the checkpoint, exception
-    checkpoint, lr and gate monitors as configurable callbacks (``--checkpoint.*``, ``--exception_checkpoint``,
-    ``--lr_monitor.*``, ``--gate_monitor``), and the links of :func:`ibllm.lit_config.link_run_arguments`."""
+    checkpoint, lr and gate monitors and the visual-cache builder as configurable callbacks (``--checkpoint.*``,
+    ``--exception_checkpoint``, ``--lr_monitor.*``, ``--gate_monitor``, ``--visual_cache``; ``null`` switches
+    one off), and the links of :func:`ibllm.lit_config.link_run_arguments`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
@@ -280,6 +281,7 @@ class ImageBindLightningCLI(LightningCLI):
         parser.add_lightning_class_args(L.Callback, "exception_checkpoint", subclass_mode=True, required=False)
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(L.Callback, "gate_monitor", subclass_mode=True, required=False)
+        parser.add_lightning_class_args(L.Callback, "visual_cache", subclass_mode=True, required=False)
         link_run_arguments(parser)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:

@@ -21,6 +21,9 @@ import yaml
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "base.yaml"
 PLACEHOLDER = "FILL_IN"
 DATA_TOKENIZER_KEYS = ("data.init_args.tokenizer", "data.tokenizer")
+# Filled in from other settings (link_run_arguments): never reported as placeholders of their own.
+LINKED_KEYS = ("data.init_args.tokenizer", "model.init_args.batch_size", "checkpoint.dirpath",
+               "exception_checkpoint.init_args.dirpath", "trainer.logger.init_args.save_dir")
 
 
 def run_subdir(root: str | None, name: str) -> str:
@@ -116,7 +119,10 @@ def tokenizer_conflict(explicit: list[tuple[str, str]], llm: str | None, tokeniz
 
 
 def unfilled_placeholders(config: Any, path: str = "") -> list[str]:
-    """Dotted keys of ``config`` (nested Namespaces / dicts / lists) whose value still starts with FILL_IN."""
+    """Dotted keys of ``config`` (nested Namespaces / dicts / lists) whose value still starts with FILL_IN
+    (keys filled in from other settings, :data:`LINKED_KEYS`, left out: their source is reported)."""
+    if path in LINKED_KEYS:
+        return []
     if hasattr(config, "__dict__") and not isinstance(config, (str, bytes)):
         config = vars(config)
     if isinstance(config, dict):

@@ -134,3 +134,29 @@ def test_explicit_data_tokenizers_are_found_in_files_and_flags(tmp_path):
     assert tokenizer_conflict(found, "b", None) is None
     assert "'b'" in tokenizer_conflict(found, "a", None) and "model.init_args.llm" in tokenizer_conflict(found, "a", None)
     assert tokenizer_conflict([], "a", None) is None
+
+
+def test_stage1_experiments_build_their_visual_cache(capsys):
+    demo = printed_config(["fit", "--config", str(ROOT / "experiments/demo_pretrain.yaml")], capsys)["visual_cache"]
+    assert demo["class_path"] == "callbacks.cache_builder.CacheBuilder"
+    assert demo["init_args"]["shards"] == "data/demo/shards/train" and demo["init_args"]["out_dir"] == "data/demo/cache"
+    big = printed_config(["fit", "--config", str(ROOT / "experiments/pretrain_7b.yaml")], capsys)["visual_cache"]
+    assert big["init_args"]["shards"].startswith("FILL_IN:") and big["init_args"]["out_dir"] is None  # <root>/cache
+    with pytest.raises(SystemExit) as stop:
+        run_lightning_cli(["fit", "--config", str(ROOT / "experiments/pretrain_7b.yaml")])
+    report = str(stop.value.code)
+    assert "--visual_cache.init_args.shards" in report and "--model.init_args.tokenizer" in report
+    assert "--data.init_args.tokenizer" not in report  # filled in from the model's: not a setting of its own
+
+
+def test_an_experiments_own_callback_replaces_the_shared_one(tmp_path, monkeypatch, sp_model, caption_shards):
+    monkeypatch.chdir(tmp_path)
+    exp = write_experiment(tmp_path, sp_model, caption_shards)
+    config = yaml.safe_load(exp.read_text())
+    config["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                       "init_args": {"dirpath": str(tmp_path / "own"), "save_last": True}}]
+    exp.write_text(yaml.safe_dump(config))
+    cli = lightning_cli(["fit", "--config", str(exp), "--trainer.max_steps", "1", "--gate_monitor", "null"])
+    names = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    assert names.count("ModelCheckpoint") == 1 and cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "own")
+    assert "GateMonitor" not in names and "SafeExceptionCheckpoint" in names

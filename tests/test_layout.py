@@ -34,6 +34,7 @@ FLOORS: dict[str, tuple[str, ...]] = {  # bottom up; fnmatch patterns on dotted 
     "machinery": (*tree("ibllm.lit"), *tree("ibllm.build"), *tree("ibllm.checkpoints"), *tree("ibllm.distributed"),
                   "ibllm.cache*", *tree("ibllm.features"), *tree("ibllm.stage0"), *tree("ibllm.evaluation"),
                   *tree("ibllm.meta_init"),
+                  *tree("ibllm.lit_config"),
                   *tree("ibllm.slurm"), *tree("ibllm.verbs"), *tree("datamodules"), *tree("callbacks")),
     "applications": ("ibllm", "ibllm.__main__", *tree("ibllm.api"), *tree("ibllm.cli"), *tree("ibllm.web"),
                      *tree("ibllm.web_uploads"), *tree("ibllm.server"), *tree("ibllm.demos")),
