@@ -14,145 +14,38 @@ Formats (auto-detected per item):
 Text-only items get the official "fake image" ``zeros(3,S,S)``: already in normalised space, so it is a
 uniform image of the CLIP mean colour (not black), encoded and injected like a real image; ``text_only_injection=False`` keeps the zeros but sets ``inject=False``.
 Only assistant turns (+ EOS) are in the loss.
+
+Bad data is skipped and counted, never trained on in a garbled form: items that are malformed (wrong value
+types included), lack a complete turn or name a missing image are dropped when the files are read
+(:mod:`datamodules.instruction_files`, which also refuses unusable files with one line naming them), and an
+image that fails to load is replaced by the next item. Like stage 1's, every batch carries ``skipped`` and
+``reader`` (:class:`SkipCollate`), which the training module sums and logs as ``data/skipped_<reason>``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from datamodules.captions import SkipCounter
 from datamodules.common import resolve_tokenizer
+from datamodules.instruction_files import (ASSISTANT_ROLES, SKIP_ROLES, USER_ROLES, InstructionRecord, MalformedItem,
+                                           expand_files, load_instruction_records, load_records, parse_item)
 from datamodules.length_grouped import DEFAULT_GROUP_SIZE, LengthGroupedSampler
 from ibllm.processing.image import load_image
 from ibllm.processing.samples import build_conversation_sample, build_sample, collate
-from ibllm.processing.templates import format_prompt, strip_image_placeholder
+from ibllm.processing.shards import world_info
+from ibllm.processing.templates import format_prompt
 
 log = logging.getLogger(__name__)
 
-USER_ROLES = {"human", "user"}
-ASSISTANT_ROLES = {"gpt", "assistant", "bot", "chatgpt", "model"}
-SKIP_ROLES = {"system"}
-
-
-@dataclass
-class InstructionRecord:
-    """One normalised item: ``(user, assistant)`` turns, optional Alpaca input, optional image path.
-
-    ``official`` marks records that must be built exactly like the official single-turn sample
-    (prompt = ``format_prompt(first human value)`` verbatim).
-    """
-
-    turns: list[tuple[str, str]]
-    input: Optional[str] = None
-    image: Optional[str] = None
-    official: bool = False
-
-
-def _pair_turns(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """Pair consecutive user -> assistant messages; drops system messages and unanswered user turns."""
-    turns: list[tuple[str, str]] = []
-    pending: Optional[str] = None
-    for m in messages:
-        role = str(m.get("from", m.get("role", ""))).lower()
-        text = m.get("value", m.get("content", ""))
-        text = "" if text is None else str(text)
-        if role in SKIP_ROLES:
-            continue
-        if role in USER_ROLES:
-            pending = text if pending is None else pending + "\n" + text
-        elif role in ASSISTANT_ROLES:
-            if pending is not None:
-                turns.append((pending, text))
-                pending = None
-        else:
-            raise ValueError(f"unknown conversation role {role!r}")
-    return turns
-
-
-def parse_item(item: dict[str, Any], image_root: Optional[Path], official_first_turn: bool = False) -> Optional[InstructionRecord]:
-    """Normalise one JSON item (Alpaca / LLaVA / ShareGPT); None if it holds no usable turn."""
-    image = item.get("image")
-    if image is not None:
-        path = Path(str(image))
-        image = str(path if path.is_absolute() or image_root is None else image_root / path)
-    if "instruction" in item:
-        return InstructionRecord([(str(item["instruction"]), str(item.get("output", "")))], item.get("input") or None, image)
-    messages = item.get("conversations", item.get("messages"))
-    if messages is None:
-        raise ValueError(f"item has neither 'instruction' nor 'conversations'/'messages': keys {sorted(item)}")
-    if official_first_turn and image is not None:
-        if len(messages) < 2:
-            return None
-        return InstructionRecord([(str(messages[0]["value"]), str(messages[1]["value"]))], None, image, official=True)
-    turns = [(strip_image_placeholder(u), a) for u, a in _pair_turns(messages)]
-    return InstructionRecord(turns, None, image) if turns else None
-
-
-def expand_files(files: Union[str, Path, Sequence[Union[str, Path]]]) -> list[Path]:
-    """A file, a list of files, or a YAML data config (one key, ``META``: a list of file paths, relative to the
-    YAML file unless absolute), flattened."""
-    if isinstance(files, (str, Path)):
-        files = [files]
-    out: list[Path] = []
-    for f in files:
-        p = Path(f)
-        if p.suffix in (".yaml", ".yml"):
-            import yaml  # only YAML data configs need it
-
-            meta = yaml.safe_load(p.read_text()) or {}
-            out += expand_files([Path(x) if Path(x).is_absolute() else p.parent / x for x in meta.get("META", [])])
-        else:
-            out.append(p)
-    return out
-
-
-def load_records(
-    files: Union[str, Path, Sequence[Union[str, Path]]],
-    image_root: Optional[Union[str, Path]] = None,
-    official_first_turn: bool = False,
-    check_images: bool = True,
-) -> list[InstructionRecord]:
-    """Load and concatenate instruction files (JSON list or JSON-lines) into records.
-
-    Args:
-        files: JSON files (or a YAML ``META`` config) in any of the supported formats, concatenated.
-        image_root: directory relative image paths are resolved against (default: each file's folder).
-        official_first_turn: LLaVA items keep ``<image>`` and only their first exchange.
-        check_images: drop (and warn about) items whose image file does not exist.
-    """
-    records: list[InstructionRecord] = []
-    for path in expand_files(files):
-        text = path.read_text(encoding="utf-8")
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if isinstance(items, dict):
-            items = [items]
-        root = Path(image_root) if image_root is not None else path.parent
-        missing = empty = 0
-        for i, item in enumerate(items):
-            try:
-                rec = parse_item(item, root, official_first_turn)
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}: item {i}: {e}") from e
-            if rec is None:
-                empty += 1
-                continue
-            if check_images and rec.image is not None and not Path(rec.image).is_file():
-                missing += 1
-                continue
-            records.append(rec)
-        if missing or empty:
-            log.warning("%s: dropped %d items with a missing image and %d without a full turn", path, missing, empty)
-    return records
+__all__ = ["ASSISTANT_ROLES", "SKIP_ROLES", "USER_ROLES", "InstructionData", "InstructionDataset", "InstructionRecord",
+           "MalformedItem", "SkipCollate", "expand_files", "load_records", "parse_item"]
 
 
 class InstructionDataset(Dataset):
@@ -172,6 +65,7 @@ class InstructionDataset(Dataset):
         text_only_injection: bool = True,
         ignore_unk: bool = False,
         max_retries: int = 8,
+        load_skipped: Optional[dict[str, int]] = None,
     ) -> None:
         self.records = list(records)
         self.tokenizer = tokenizer
@@ -181,7 +75,13 @@ class InstructionDataset(Dataset):
         self.text_only_injection = text_only_injection
         self.ignore_unk = ignore_unk
         self.max_retries = max_retries
-        self.skipped: dict[str, int] = {}
+        self.load_skipped = dict(load_skipped or {})  # items dropped when the files were read
+        self.counter = SkipCounter()  # items skipped while building samples (this process or worker)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """``{reason: count}`` of the items skipped while building samples in this process (or worker)."""
+        return self.counter.counts
 
     def __len__(self) -> int:
         return len(self.records)
@@ -211,9 +111,37 @@ class InstructionDataset(Dataset):
             try:
                 return self._build(rec)
             except Exception as e:  # noqa: BLE001 - corrupt media must not stop training
-                self.skipped["bad_image"] = self.skipped.get("bad_image", 0) + 1
-                log.warning("instruction item %d: %s; using the next item", index + attempt, e)
+                missing = rec.image is not None and not Path(rec.image).is_file()
+                self.counter.add("missing_image" if missing else "bad_image",
+                                 f"instruction item {(index + attempt) % len(self.records)}: {e}; using the next item")
         raise RuntimeError(f"{self.max_retries + 1} consecutive unreadable instruction items from index {index}")
+
+
+class SkipCollate:
+    """``collate`` plus the skip counts stage 1's batches carry (see :class:`ibllm.processing.shards.SkipTally`).
+
+    Each batch gets ``skipped`` (``{reason: count}``: the items the building process or worker has skipped so
+    far, plus, from worker 0 of each rank, those dropped when the files were read) and ``reader``
+    (``"<split>/<global worker index>"``). Runs in the DataLoader worker, whose dataset copy holds its counts.
+    """
+
+    def __init__(self, dataset: "InstructionDataset", split: str) -> None:
+        self.dataset = dataset
+        self.split = split
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The padded batch of ``samples`` with ``skipped`` and ``reader``."""
+        batch = collate(samples)
+        worker = get_worker_info()
+        dataset = worker.dataset if worker is not None else self.dataset
+        info = world_info()
+        counts = dict(dataset.skipped)
+        if info.worker == 0:
+            for reason, n in dataset.load_skipped.items():
+                counts[reason] = counts.get(reason, 0) + n
+        batch["skipped"] = counts
+        batch["reader"] = f"{self.split}/{info.global_worker}"
+        return batch
 
 
 class InstructionData(L.LightningDataModule):
@@ -291,18 +219,16 @@ class InstructionData(L.LightningDataModule):
 
     def build_dataset(self, files: Any, train: bool) -> InstructionDataset:
         """Load ``files`` into an :class:`InstructionDataset` (train or eval transform)."""
-        tokenizer = self.get_tokenizer()
-        records = load_records(files, self.image_root, self.official_first_turn)
-        if not records:
-            raise ValueError(f"no usable instruction items in {files!r}")
+        records, skipped = load_instruction_records(files, self.image_root, self.official_first_turn)
         return InstructionDataset(
             records,
-            tokenizer,
+            self.get_tokenizer(),
             max_words=self.max_words,
             image_size=self.image_size,
             train_transform=train and self.train_transform,
             text_only_injection=self.text_only_injection,
             ignore_unk=self.ignore_unk,
+            load_skipped=skipped,
         )
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -328,7 +254,7 @@ class InstructionData(L.LightningDataModule):
             sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=SkipCollate(dataset, "train" if train else "val"),
             pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(self.seed) if train and sampler is None else None,
             persistent_workers=False,

@@ -1,5 +1,5 @@
-"""Primitives for reading files users hand us, shared by the tokenizer and the checkpoint readers:
-the one error type for a missing or invalid file, and GGUF metadata access."""
+"""Primitives for reading files users hand us, shared by the tokenizer, the checkpoint readers and the data
+modules: the error types for a missing or invalid input, and GGUF metadata access."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ PathLike = str | os.PathLike[str]
 MISSING = object()  # "no default": a missing GGUF metadata key is an error
 
 
-class CheckpointError(ValueError):
+class InputError(ValueError):
+    """A file or value the user gave is missing or invalid. The message names it and says what is wrong in
+    one line: the command line prints it as its last line (``python -m ibllm fit: error: MESSAGE``)."""
+
+
+class CheckpointError(InputError):
     """A checkpoint (or tokenizer) file is missing, unreadable, unsafe, or does not match what was expected."""
 
 

@@ -13,18 +13,28 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import threading
 import time
 from pathlib import Path
 
 import av
+import lightning as L
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
+from datamodules.instruction_files import LOGGED_PER_FILE, load_instruction_records, load_records
+from datamodules.instructions import InstructionData, SkipCollate
+from ibllm.files import InputError
+from ibllm.lit import FinetuneModule
 from ibllm.processing.audio import read_audio
 from ibllm.processing.av_input import ALLOWED_DEMUXERS, open_container
 from ibllm.processing.errors import MediaError
+from ibllm.processing.shards import SkipTally
 from ibllm.processing.video import load_video
 
 
@@ -134,3 +144,147 @@ def test_ordinary_containers_still_open(tmp_path, suffix, fmt, codec) -> None:
         with open_container(src, "video", path) as container:
             assert any(part in ALLOWED_DEMUXERS for part in container.format.name.split(","))
             assert len(list(container.decode(video=0))) == 25
+
+
+# ---- stage-2 data: skips counted and carried, wrong value types refused --------------------------------------
+def write_png(path: Path, value: int = 90) -> Path:
+    Image.new("RGB", (16, 16), (value, value, value)).save(path)
+    return path
+
+
+def good_items(n: int, image: str | None = None) -> list[dict]:
+    items = [{"instruction": f"Say {k}", "input": "", "output": f"{k}"} for k in range(n)]
+    if image:
+        items += [{"image": image, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                     {"from": "gpt", "value": "grey"}]}]
+    return items
+
+
+MALFORMED = [
+    ({"instruction": 42, "output": "x"}, "'instruction' must be a string, got int 42"),
+    ({"instruction": ["x"], "output": "y"}, "'instruction' must be a string, got list ['x']"),
+    ({"instruction": "x", "output": None}, "'output' must be a string, got NoneType"),
+    ({"conversations": "human: hi"}, "'conversations' must be a list, got str"),
+    ({"conversations": [{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "y"}]},
+     "message 0 'value' must be a string, got list"),
+    ({"messages": [{"role": "user", "content": {"text": "x"}}, {"role": "assistant", "content": "y"}]},
+     "message 0 'content' must be a string, got dict"),
+    ({"conversations": ["hi", "there"]}, "message 0 must be an object, got str"),
+    ({"conversations": [{"from": "narrator", "value": "x"}]}, "unknown conversation role 'narrator'"),
+    ({"image": 7, "conversations": []}, "'image' must be a string, got int 7"),
+    (["not", "an", "object"], "expected an object, got list"),
+    ({"question": "x"}, "neither 'instruction' nor 'conversations'/'messages'"),
+]
+
+
+def test_wrong_value_types_are_refused_with_file_and_index(tmp_path, caplog) -> None:
+    path = tmp_path / "mixed.json"
+    items = good_items(2) + [item for item, _ in MALFORMED]
+    path.write_text(json.dumps(items))
+    caplog.set_level(logging.WARNING)
+    records, skipped = load_instruction_records(path)
+    assert skipped == {"malformed_item": len(MALFORMED)}
+    assert [r.turns for r in records] == [[("Say 0", "0")], [("Say 1", "1")]]
+    assert all(isinstance(text, str) and "[" not in text for r in records for turn in r.turns for text in turn)
+    logged = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    for k, (_, reason) in enumerate(MALFORMED[:LOGGED_PER_FILE]):
+        assert f"{path}: item {k + 2} skipped (malformed): {reason}" in logged[k]
+    assert f"{path}: skipped {len(MALFORMED)} malformed_item of {len(items)} items" in caplog.text
+    # a file with no usable item: one error naming the file, the counts and the first problem
+    only_bad = tmp_path / "bad.json"
+    only_bad.write_text(json.dumps([{"instruction": 42}, {"image": "gone.png", "instruction": "x", "output": "y"}]))
+    with pytest.raises(InputError) as err:
+        load_records(only_bad)
+    assert str(err.value) == (f"no usable instruction items in {only_bad} (1 malformed_item, 1 missing_image); "
+                              f"first: {only_bad}: item 0: 'instruction' must be a string, got int 42")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.json", None, "instruction file not found"),
+    ("empty.json", "", "instruction file is empty"),
+    ("blank.json", "  \n\n", "instruction file is empty"),
+    ("corrupt.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "c", ',
+     "invalid JSON at line 2, column 23: Expecting property name enclosed in double quotes"),
+    ("lines.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c" "output": "d"}\n',
+     "line 2: invalid JSON (Expecting ',' delimiter, column 21) in a file of one JSON object per line"),
+    ("scalar.json", "42", "expected a JSON list of items (or one JSON object per line), got int"),
+    ("binary.json", b"\xff\xfe\x00[", "not UTF-8 text"),
+    ("folder.json", "DIR", "is a folder, expected an instruction file"),
+    ("meta.yaml", "META: [a.json\n", "cannot read instruction data config"),
+    ("meta2.yaml", "META: 3\n", "expected a mapping with META: a list of instruction file paths"),
+])
+def test_unusable_instruction_files_name_the_file(tmp_path, name, content, message) -> None:
+    path = tmp_path / name
+    if content == "DIR":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError) as err:
+        InstructionData(train_files=str(path), tokenizer=CharTok(), num_workers=0).setup("fit")
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+class CharTok:
+    """Char-level tokenizer: BOS=1, EOS=2, char -> 3 + byte (capped to a tiny vocabulary)."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [1] * bos + [3 + b % 100 for b in text.encode("utf-8")] + [2] * eos
+
+
+def skip_fixture(tmp_path: Path) -> Path:
+    """Instruction file: 6 good text items, 2 good image items, one item with a corrupt image, one whose
+    image is deleted after loading, one with a missing image, one malformed and one without an answer."""
+    (tmp_path / "img").mkdir()
+    write_png(tmp_path / "img" / "ok.png")
+    write_png(tmp_path / "img" / "vanishes.png")
+    (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    items = good_items(6, "img/ok.png") + good_items(0, "img/ok.png")
+    items += good_items(0, "img/corrupt.png") + good_items(0, "img/vanishes.png") + good_items(0, "img/gone.png")
+    items += [{"instruction": 42, "output": "x"}, {"conversations": [{"from": "human", "value": "unanswered"}]}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_stage2_skips_are_carried_by_the_batch_like_stage1(tmp_path) -> None:
+    path = skip_fixture(tmp_path)
+    expected = {"bad_image": 1, "missing_image": 2, "malformed_item": 1, "no_turn": 1}
+    for workers in (0, 2):
+        dm = InstructionData(train_files=str(path), tokenizer=CharTok(), batch_size=1, num_workers=workers,
+                             image_size=32, train_transform=False)
+        dm.setup("fit")
+        assert dm.train_dataset.load_skipped == {"missing_image": 1, "malformed_item": 1, "no_turn": 1}
+        (tmp_path / "img" / "vanishes.png").unlink(missing_ok=True)
+        dm.train_dataset.records.sort(key=lambda r: r.image or "")  # deterministic: every record once
+        tally = SkipTally()
+        readers = set()
+        for batch in DataLoader(dm.train_dataset, batch_size=1, num_workers=workers,
+                                collate_fn=SkipCollate(dm.train_dataset, "train")):
+            tally.update(batch)
+            readers.add(batch["reader"])
+            assert batch["tokens"].dtype == torch.long and set(batch["skipped"]) <= set(expected)
+        assert tally.totals == expected, workers
+        assert readers == ({"train/0"} if workers == 0 else {"train/0", "train/1"})
+        write_png(tmp_path / "img" / "vanishes.png")
+
+
+def test_stage2_training_logs_the_skips(tmp_path, sp_model) -> None:
+    path = skip_fixture(tmp_path)
+    (tmp_path / "img" / "vanishes.png").unlink()
+    dm = InstructionData(train_files=str(path), tokenizer=sp_model, batch_size=2, num_workers=0, image_size=224,
+                         train_transform=False, max_words=48)
+    module = FinetuneModule(llm="tiny", tokenizer=sp_model, imagebind="tiny", lr=1e-4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(module, datamodule=dm)
+    logged = {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("data/skipped_")}
+    # the load-time skips are logged from the first step on; the two images that fail to load count each time
+    # an item is replaced because of them (5 shuffled batches of 2 of the 11 records: how often is not fixed)
+    assert logged["data/skipped_malformed_item"] == 1 and logged["data/skipped_no_turn"] == 1
+    assert logged["data/skipped_missing_image"] >= 1 and set(logged) <= {f"data/skipped_{r}" for r in (
+        "malformed_item", "no_turn", "missing_image", "bad_image")}
