@@ -171,3 +171,34 @@ def test_module_errors_show_the_command_not_main(tmp_path):
                           text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith(f"python -m ibllm chat: error: {bad}, line 3") and proc.stderr.count("\n") == 1
+
+
+def test_lightning_verbs_report_bad_options_and_yaml_in_one_line(tmp_path, capsys, monkeypatch):
+    from ibllm.lit import run_lightning_cli
+
+    monkeypatch.setattr(sys, "argv", ["python -m ibllm"])  # LightningCLI reads sys.argv too
+
+    experiment = str(REPO / "experiments/demo_pretrain.yaml")
+
+    def first_line(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as e:
+            run_lightning_cli(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err.strip()
+
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("trainer:\n  max_steps: 3\n  devices: [1\n")
+    assert first_line(["fit", "--config", str(syntax)]).startswith(
+        f"python -m ibllm fit: error: {syntax}, line 4, column 1: ")
+    value = tmp_path / "value.yaml"
+    value.write_text("model:\n  class_path: ibllm.lit.ImageBindLLMModule\n  init_args:\n    lr: fast\n")
+    assert first_line(["fit", "--config", experiment, "--config", str(value)]) == \
+        f"python -m ibllm fit: error: {value}: key 'model.init_args.lr': expected float, got 'fast'"
+    assert first_line(["fit", "--config", experiment, "--trainer.max_steps", "x"]) == \
+        "python -m ibllm fit: error: --trainer.max_steps: expected int, got 'x'"
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trainer:\n  max_stepz: 3\n")
+    assert first_line(["fit", "--config", experiment, "--config", str(unknown)]) == \
+        f"python -m ibllm fit: error: {unknown}: key 'trainer.max_stepz': no such option"

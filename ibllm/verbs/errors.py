@@ -29,14 +29,15 @@ def report(prog: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def config_paths(tokens: Sequence[str], option: str = "--config") -> list[str]:
-    """The files given with ``--config FILE`` / ``--config=FILE`` in ``tokens``, in order."""
+def config_paths(tokens: Sequence[str], options: Sequence[str] = ("--config",)) -> list[str]:
+    """The files given with ``--config FILE`` / ``--config=FILE`` (or another of ``options``) in ``tokens``."""
     paths = []
     for i, token in enumerate(tokens):
-        if token == option and i + 1 < len(tokens):
+        name, eq, value = token.partition("=")
+        if name in options and eq:
+            paths.append(value)
+        elif token in options and i + 1 < len(tokens):
             paths.append(tokens[i + 1])
-        elif token.startswith(option + "="):
-            paths.append(token.split("=", 1)[1])
     return paths
 
 
@@ -102,7 +103,7 @@ def _source(key: str, tokens: Sequence[str], got: str | None = None) -> str | No
     """The config file that gave ``key`` (the last one holding it; with ``got``, the one holding that
     value), or None when the command line gave it."""
     found, given = None, False
-    for path in config_paths(tokens):
+    for path in config_paths(tokens, ("--config", "-c")):
         try:
             value = find_key(read_config(path), key)
         except CommandLineError:
@@ -121,38 +122,54 @@ def _expected(text: str) -> str:
     return text
 
 
-def _spelling(name: str, parser: Any) -> str:
-    """How the user writes option or positional ``name``: ``--kebab-case`` or ``NAME``."""
+def _spelling(name: str, parser: Any, kebab: bool = True) -> str:
+    """How the user writes option or positional ``name``: ``--kebab-case`` (``--as_is`` without ``kebab``)
+    or ``NAME``."""
     options = {a.dest: a for a in parser._actions} if parser is not None else {}
     action = options.get(name)
     if action is not None and not action.option_strings:
         return name.upper()
-    return f"--{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')}" if kebab else f"--{name}"
 
 
-def explain(err: BaseException, tokens: Sequence[str], parser: Any = None) -> str:
+def check_yaml_files(tokens: Sequence[str]) -> None:
+    """Read every config file (``--config``/``-c``) in ``tokens``: a missing file or a YAML syntax error
+    raises :class:`CommandLineError` naming the file (and line)."""
+    for path in config_paths(tokens, ("--config", "-c")):
+        read_config(path)
+
+
+def explain(err: BaseException, tokens: Sequence[str], parser: Any = None, kebab: bool = True) -> str:
     """One line for a jsonargparse error: the file that gave the value (if a config file did), the key and
-    what was expected."""
+    what was expected. ``kebab``: options are spelled with hyphens (the verbs; not Lightning's)."""
     message = str(err).strip()
     m = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
     if m:
-        key, detail = m.group(1), m.group(2)
-        value = re.search(r"Expected an? (.+?)\. Got value: (.*)", detail, re.S)
+        # a class given by class_path nests its own errors: model -> init_args -> lr
+        keys = re.findall(r'Parser key "([^"]+)"', message)
+        key = ".init_args.".join(keys) if "class_path" in message else keys[0]
+        value = re.search(r"Expected an? (.+?)\. Got value: (.*)", message)  # one line: the innermost
         got = None
         if value:
             got = value.group(2).strip().splitlines()[0]
             detail = f"expected {_expected(value.group(1))}, got {got!r}"
         else:
-            detail = " ".join(detail.split())
+            detail = " ".join(m.group(2).split())
         source = _source(key, tokens, got)
-        where = f"{source}: key {key!r}" if source else _spelling(key, parser)
+        where = f"{source}: key {key!r}" if source else _spelling(key, parser, kebab)
         return f"{where}: {detail}"
+    m = re.search(r"does not accept option '([^']+)'|Option '([^']+)' is not accepted", message)
+    if m:
+        key = m.group(1) or m.group(2)
+        source = _source(key, tokens)
+        where = f"{source}: key {key!r}" if source else _spelling(key, parser, kebab)
+        return f"{where}: no such option"
     m = re.match(r'Key "([^"]+)" is required', message)
     if m:
-        return f"{_spelling(m.group(1), parser)} is required"
+        return f"{_spelling(m.group(1), parser, kebab)} is required"
     m = re.match(r"the following arguments are required: (.*)", message)
     if m:
-        names = [_spelling(n.strip(), parser) for n in m.group(1).split(",")]
+        names = [_spelling(n.strip(), parser, kebab) for n in m.group(1).split(",")]
         return f"missing {', '.join(names)} (required)"
     m = re.search(r"[Uu]nrecognized arguments: (.*)", message)
     if m:
