@@ -3,6 +3,7 @@ real experiment files (tiny random LM and few steps instead of SmolLM2 and hundr
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def test_demo_stage1_then_stage2_end_to_end(demo_dir, sp_model, run_ibllm):
     assert re.fullmatch(r"heldout_caption_accuracy: \d\.\d\d \(untrained: \d\.\d\d\)", last), last
     assert (demo_dir / "runs/demo_pretrain/checkpoints/last.ckpt").is_file()
     assert list((demo_dir / "runs/demo_pretrain/tensorboard").rglob("events.out.tfevents*"))
+    assert json.loads((demo_dir / "data/demo/cache/cache.json").read_text())["count"] > 0  # built by the fit
 
     out = run_ibllm(["fit", "--config", ROOT / "experiments/demo_finetune.yaml", *tiny_overrides(sp_model)], demo_dir,
                     check=True).stdout
