@@ -1,7 +1,7 @@
 """Browser demo: ``python -m ibllm serve`` — multimodal chat with streaming answers (gradio).
 
 A page where a person uploads any mix of image, audio, video and point-cloud files with one weight each
-(the embeddings are mixed into one visual token by those weights), switches the visual cache on or off
+(the embeddings are mixed into one visual token by those weights; an uploaded image shows as a thumbnail), switches the visual cache on or off
 and sets its k / temperature / weight, asks questions in a multi-turn conversation (with a reset) and watches each answer stream in.
 Generation settings (max length, temperature, top-p, seed) sit beside the chat.
 
@@ -48,6 +48,7 @@ from typing import Any
 from ibllm.api import normalise_inputs
 from ibllm.cli.common import LOAD_ALIASES, RECOVERABLE, ModelOptions, SamplingOptions, fail, load_model, one_line
 from ibllm.verbs.registry import run, verb
+from ibllm.web_preview import image_thumbnail_html
 from ibllm.web_uploads import delete_on_session_end
 
 # Offline by construction: set before gradio (and huggingface_hub) are imported.
@@ -191,6 +192,8 @@ def error_line(err: BaseException, uploads: Mapping[str, str] | None = None) -> 
 CSS = """
 #ibllm-status {min-height: 2.2em}
 #ibllm-status.error, #ibllm-status .error {color: #b91c1c}
+.ibllm-thumb img {display: block; margin: 6px auto; image-rendering: pixelated; border: 1px solid #d4d4d8}
+.ibllm-thumb-note {margin: 6px; font-size: 0.85em; color: #71717a}
 """
 
 
@@ -226,6 +229,8 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
                             with gr.Column(min_width=150), gr.Group():
                                 files[modality] = gr.File(label=f"{label}{note}", type="filepath", height=80,
                                                           elem_id=f"ibllm-{modality}")
+                                if modality == "image":  # a thumbnail of the uploaded image
+                                    preview = gr.HTML("", elem_id="ibllm-image-preview", padding=False)
                                 weights[modality] = gr.Slider(0.0, 1.0, value=DEFAULTS["weight"], step=0.05,
                                                               label=f"{label} weight", info=exts,
                                                               elem_id=f"ibllm-{modality}-weight")
@@ -331,6 +336,7 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
                     api_visibility="private")
         chatbot.clear(lambda: ([], "conversation cleared (inputs kept)"), None, [history, status], queue=False,
                       api_visibility="private")  # the chat box's own trash button forgets the history too
+        files["image"].change(image_thumbnail_html, files["image"], preview, queue=False, api_visibility="private")
         app.uploads = delete_on_session_end(app, files.values())  # deleted when the tab closes
     app.queue(default_concurrency_limit=1, max_size=64)
     return app

@@ -37,7 +37,8 @@ FLOORS: dict[str, tuple[str, ...]] = {  # bottom up; fnmatch patterns on dotted 
                   *tree("ibllm.lit_config"),
                   *tree("ibllm.slurm"), *tree("ibllm.verbs"), *tree("datamodules"), *tree("callbacks")),
     "applications": ("ibllm", "ibllm.__main__", *tree("ibllm.api"), *tree("ibllm.cli"), *tree("ibllm.web"),
-                     *tree("ibllm.web_uploads"), *tree("ibllm.server"), *tree("ibllm.demos")),
+                     *tree("ibllm.web_uploads"), *tree("ibllm.web_preview"), *tree("ibllm.server"),
+                     *tree("ibllm.demos")),
 }
 # Lightning-only packages: inside ibllm, only the applications floor may import them.
 LIGHTNING_ONLY = ("datamodules", "callbacks")

@@ -95,6 +95,11 @@ def clear_upload(d, modality: str) -> None:
              and "Drop File" in css(d, f"#ibllm-{modality}").text, what=f"the {modality} upload to clear")
 
 
+def preview(d) -> str:
+    """The image thumbnail area's HTML (an <img> with a data: URL, or a note)."""
+    return css(d, "#ibllm-image-preview").get_attribute("innerHTML")
+
+
 def set_number(d, elem: str, value: str) -> None:
     from selenium.webdriver.common.keys import Keys
 
@@ -139,6 +144,7 @@ def test_browser_chat_matches_python_api(server, browser, tiny, model, tmp_path)
     open_page(d, server.url)
     assert "ImageBind-LLM" in d.title
     upload(d, "image", tiny["image"])
+    wait_for(lambda: "data:image/png;base64," in preview(d), what="the image thumbnail")
     upload(d, "audio", tiny["wav"])
     # move the audio weight slider with the mouse; the page shows the value it landed on
     slider = css(d, "#ibllm-audio-weight input[type=range]")
@@ -183,6 +189,7 @@ def test_browser_bad_upload_then_success(server, browser, tiny, model, cache_dir
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not an image")
     upload(d, "image", broken)
+    wait_for(lambda: "no preview of broken.png" in preview(d), what="the thumbnail's note")
     css(d, "#ibllm-generation button.label-wrap").click()
     set_number(d, "ibllm-temperature", "0")
     set_number(d, "ibllm-max-len", str(GEN["max_gen_len"]))
@@ -192,7 +199,9 @@ def test_browser_bad_upload_then_success(server, browser, tiny, model, cache_dir
     assert css(d, "#ibllm-question textarea").get_attribute("value") == Q1  # the question is kept
     # the server keeps serving: replace the file and ask again
     clear_upload(d, "image")
+    wait_for(lambda: "no preview" not in preview(d), what="the note to go")
     upload(d, "image", tiny["image"])
+    wait_for(lambda: "<img" in preview(d), what="the image thumbnail")
     done = ask(d, None)  # the kept question, sent again
     assert done.startswith("done") and "inputs: image (1)" in done, done
     # the cache is on by default here (k 10, temperature 20, weight 0.5: the official demo's values)
