@@ -53,7 +53,11 @@ def eligible(module: nn.Module) -> bool:
 def _packed_weight(module: nn.Linear) -> Tensor:
     """The module's weight in oneDNN layout, re-packed whenever the weight tensor changed."""
     weight = module.weight
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    try:
+        version = weight._version
+    except RuntimeError:  # a weight created under inference_mode has no version counter (and cannot change)
+        version = -1
+    key = (weight.data_ptr(), version, tuple(weight.shape))
     cached = module.__dict__.get(PACKED_ATTR)
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():
