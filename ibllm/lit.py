@@ -312,6 +312,8 @@ class ImageBindLightningCLI(LightningCLI):
         listed = listed if isinstance(listed, list) else [listed]
         kept = [cb for cb in callbacks if cb is not None
                 and not any(isinstance(own, type(cb)) or isinstance(cb, type(own)) for own in listed)]
+        if config.get("logger") is False or config.get("logger") == []:  # --trainer.logger false: nothing to log to
+            kept = [cb for cb in kept if not isinstance(cb, LearningRateMonitor)]
         return super()._instantiate_trainer(config, kept)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:

@@ -156,7 +156,9 @@ def test_an_experiments_own_callback_replaces_the_shared_one(tmp_path, monkeypat
     config["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                        "init_args": {"dirpath": str(tmp_path / "own"), "save_last": True}}]
     exp.write_text(yaml.safe_dump(config))
-    cli = lightning_cli(["fit", "--config", str(exp), "--trainer.max_steps", "1", "--gate_monitor", "null"])
+    cli = lightning_cli(["fit", "--config", str(exp), "--trainer.max_steps", "1", "--gate_monitor", "null",
+                         "--trainer.logger", "false"])
     names = [type(cb).__name__ for cb in cli.trainer.callbacks]
     assert names.count("ModelCheckpoint") == 1 and cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "own")
     assert "GateMonitor" not in names and "SafeExceptionCheckpoint" in names
+    assert "LearningRateMonitor" not in names  # no logger to write to
