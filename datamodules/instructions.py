@@ -231,6 +231,11 @@ class InstructionData(L.LightningDataModule):
             load_skipped=skipped,
         )
 
+    def check_inputs(self, stage: Optional[str] = "fit") -> None:
+        """Read the stage's files now (kept for :meth:`setup`): an unusable one raises
+        :class:`~ibllm.files.InputError` naming it, before anything is built or written."""
+        self.setup(stage)
+
     def setup(self, stage: Optional[str] = None) -> None:
         """Load the files for the requested stage."""
         if stage in (None, "fit") and self.train_files is not None and self.train_dataset is None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from ibllm.processing.shards import WorldInfo, expand_urls, rank_shards
+from ibllm.files import InputError
+from ibllm.processing.shards import WorldInfo, expand_urls, is_remote, rank_shards
 
 
 @dataclass
@@ -49,13 +50,25 @@ def parse_sources(spec: Any) -> list[Source]:
         weight = float(item.get("weight", 1.0) if isinstance(item, dict) else getattr(item, "weight", 1.0))
         expanded = expand_urls(urls)
         if not expanded:
-            raise ValueError(f"shard source {urls!r} expanded to no shards")
+            shown = urls[0] if isinstance(urls, (list, tuple)) and len(urls) == 1 else urls
+            raise InputError(f"shards {str(shown)!r}: the pattern lists no shard (no file matches it)")
         if weight < 0:
-            raise ValueError(f"negative weight {weight} for source {urls!r}")
+            raise InputError(f"negative weight {weight} for shard source {urls!r}")
         sources.append(Source(expanded, weight))
     if not sources:
-        raise ValueError("no shard sources given")
+        raise InputError("no shard sources given")
     return sources
+
+
+def check_local_shards(sources: Sequence[Source], spec: Any) -> None:
+    """Refuse a source whose shards are all local files and none of them exists (a mistyped pattern), which
+    would otherwise be found only after a thousand failed reads. Some missing shards are tolerated (they are
+    skipped and counted as ``bad_shard``), and remote URLs are not checked."""
+    for source in sources:
+        local = [u for u in source.urls if not is_remote(u)]
+        if local and len(local) == len(source.urls) and not any(os.path.exists(u) for u in local):
+            what = f"{len(local)} shard files" if len(local) > 1 else "shard file"
+            raise InputError(f"shards {spec!r}: none of its {what} exists (first: {local[0]})")
 
 
 class SharedEpoch:

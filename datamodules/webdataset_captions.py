@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.captions import CaptionDecoder, CaptionShardDataset, make_loader
 from datamodules.common import resolve_tokenizer
-from datamodules.shards import parse_sources, restart_count
+from datamodules.shards import check_local_shards, parse_sources, restart_count
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,16 @@ class WebDatasetCaptions(L.LightningDataModule):
             name="val",
         )
 
+    def check_inputs(self, stage: Optional[str] = "fit") -> None:
+        """Refuse a shard specification of the stage that lists no shard or only local files that do not
+        exist (:class:`~ibllm.files.InputError` naming it), before anything is built or written."""
+        for spec, stages in ((self.train_spec, (None, "fit")), (self.val_spec, (None, "fit", "validate"))):
+            if spec is not None and stage in stages:
+                check_local_shards(parse_sources(spec), spec)
+
     def setup(self, stage: Optional[str] = None) -> None:
-        """Build the datasets for the requested stage."""
+        """Build the datasets for the requested stage (after :meth:`check_inputs`)."""
+        self.check_inputs(stage)
         if stage in (None, "fit") and self.train_spec is not None:
             self.train_dataset = self.build_train_dataset()
         if stage in (None, "fit", "validate") and self.val_spec is not None:

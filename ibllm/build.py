@@ -27,7 +27,9 @@ from ibllm.checkpoints.lazy import LazyWeights, open_llama
 from ibllm.checkpoints.llama import load_llama
 from ibllm.checkpoints.meta import load_meta_llama
 from ibllm.checkpoints.official import official_to_ours
-from ibllm.config import LLAMA_PRESETS, ImageBindConfig, LLaMAConfig, imagebind_preset, llama_preset
+from ibllm.config import (IMAGEBIND_PRESETS, LLAMA_PRESETS, ImageBindConfig, LLaMAConfig, imagebind_preset,
+                          llama_preset)
+from ibllm.files import InputError, check_input_file
 from ibllm.meta_init import InitRecord, assign_full, materialise, release_pages
 from ibllm.models.ibllm import ImageBindLLM
 from ibllm.models.imagebind import build_imagebind, load_imagebind
@@ -82,6 +84,29 @@ def load_tokenizer_for(source: str, tokenizer: str | Path | None = None) -> Any:
     if path is None:
         raise ValueError(f"LLM preset {source!r} has no tokenizer: pass tokenizer=PATH")
     return load_tokenizer(path)
+
+
+def check_sources(llm: str, tokenizer: str | None = None, imagebind: str | None = "tiny",
+                  imagebind_weights: str | None = None, init_from: str | None = None, key: str = "") -> None:
+    """Check what :func:`build_model` (and ``init_from``) will read, cheaply and before anything is built:
+    the LLM source resolves, the tokenizer file and encoder weights exist and are not empty, the ImageBind
+    preset is known, and ``init_from`` exists and is not empty or cut short. Raises
+    :class:`~ibllm.files.InputError` naming the setting (``key`` + name, e.g. ``model.init_args.llm``)."""
+    try:
+        resolve_llm_path(llm)
+    except FileNotFoundError as e:
+        raise InputError(f"{key}llm: {e}") from None
+    if imagebind is not None and imagebind not in IMAGEBIND_PRESETS:
+        raise InputError(f"{key}imagebind: unknown ImageBind preset {imagebind!r}; choose from "
+                         f"{', '.join(sorted(IMAGEBIND_PRESETS))}")
+    for name, value, what, folder in (("tokenizer", tokenizer, "tokenizer", True),
+                                      ("imagebind_weights", imagebind_weights, "ImageBind weights", False),
+                                      ("init_from", init_from, "init_from checkpoint", True)):
+        if value:
+            try:
+                check_input_file(value, what, allow_dir=folder)
+            except CheckpointError as e:
+                raise InputError(f"{key}{name}: {e}") from None
 
 
 def base_weight_names(model: ImageBindLLM, state: Mapping[str, Tensor], source: str) -> dict[str, str]:

@@ -4,6 +4,7 @@ modules: the error types for a missing or invalid input, and GGUF metadata acces
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,27 @@ def gguf_field(reader: Any, key: str, default: Any = MISSING) -> Any:
             raise CheckpointError(f"GGUF file {reader.data.filename}: metadata key {key!r} is missing")
         return default
     return field.contents()
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # PyTorch's default checkpoint format is a zip archive
+
+
+def check_input_file(path: PathLike, what: str, allow_dir: bool = False) -> Path:
+    """``path`` as a Path after cheap checks that read at most its first bytes and its zip directory:
+    :class:`CheckpointError` naming ``what`` and the file when it is missing, a folder (unless
+    ``allow_dir``), empty, or a zip archive (PyTorch's format) cut short."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{what} file not found: {p}")
+    if p.is_dir():
+        if allow_dir:
+            return p
+        raise CheckpointError(f"{what} path is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{what} file {p} is empty (0 bytes)")
+    with open(p, "rb") as f:
+        magic = f.read(len(ZIP_MAGIC))
+    if magic == ZIP_MAGIC and not zipfile.is_zipfile(p):
+        raise CheckpointError(f"{what} file {p} is truncated or corrupt (its zip directory, at the end of the "
+                              f"file, is missing; {p.stat().st_size:,} bytes)")
+    return p

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from ibllm import tuning
-from ibllm.build import build_model, build_model_on_meta, finish_on_meta, load_tokenizer_for
+from ibllm.build import build_model, build_model_on_meta, check_sources, finish_on_meta, load_tokenizer_for
 from ibllm.checkpoints.adapters import base_fingerprint, load_trainable
 from ibllm.checkpoints.lightning_io import use_atomic_checkpoint_io
 from ibllm.checkpoints.recovery import check_finite_trainables, reset_optimizer_state, resolve_resume
@@ -104,6 +104,12 @@ class ImageBindLLMModule(L.LightningModule):
         self.skips = SkipTally()  # bad-sample counts the caption batches carry, summed over readers
 
     # ---- model ---------------------------------------------------------------------------------
+    def check_inputs(self) -> None:
+        """Check the files and presets the model will be built from, before anything is built or written
+        (:class:`~ibllm.files.InputError` naming the setting and the file)."""
+        hp = self.hparams
+        check_sources(hp.llm, hp.tokenizer, hp.imagebind, hp.imagebind_weights, hp.init_from, "model.init_args.")
+
     def configure_model(self) -> None:
         """Build the model once (Lightning calls this before fit/resume; safe to call again)."""
         if self.model is not None:
@@ -332,6 +338,10 @@ class ImageBindLightningCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_resume(self.trainer, config.get("ckpt_path"),
                                              say=lambda text: print(text, file=sys.stderr, flush=True))
+        # a bad input is refused here, with one line naming it, before the run writes anything
+        for part in (self.model, self.datamodule):
+            if callable(getattr(part, "check_inputs", None)):
+                part.check_inputs()
 
     def after_fit(self) -> None:
         # Result lines of evaluation callbacks end the output, after the progress bar's last redraw.

@@ -15,6 +15,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,11 +26,18 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from datamodules.instruction_files import LOGGED_PER_FILE, load_instruction_records, load_records
 from datamodules.instructions import InstructionData, SkipCollate
+from datamodules.webdataset_captions import WebDatasetCaptions
+from faults_helpers import tiny_experiment
+from ibllm.build import check_sources
+from ibllm.checkpoints.io import safe_load
+from ibllm.cli import main as cli_main
+from ibllm.cli.user_errors import one_line_errors
 from ibllm.files import InputError
 from ibllm.lit import FinetuneModule
 from ibllm.processing.audio import read_audio
@@ -36,6 +45,8 @@ from ibllm.processing.av_input import ALLOWED_DEMUXERS, open_container
 from ibllm.processing.errors import MediaError
 from ibllm.processing.shards import SkipTally
 from ibllm.processing.video import load_video
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- media that names other files --------------------------------------------------------------------------
@@ -288,3 +299,148 @@ def test_stage2_training_logs_the_skips(tmp_path, sp_model) -> None:
     assert logged["data/skipped_malformed_item"] == 1 and logged["data/skipped_no_turn"] == 1
     assert logged["data/skipped_missing_image"] >= 1 and set(logged) <= {f"data/skipped_{r}" for r in (
         "malformed_item", "no_turn", "missing_image", "bad_image")}
+
+
+# ---- set-up errors: one last line naming the input, exit status 2, nothing written ---------------------------
+def test_check_sources_names_the_setting_and_the_file(tmp_path) -> None:
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    cut = tmp_path / "cut.ckpt"
+    torch.save({"global_step": 1, "w": torch.randn(4000)}, cut)
+    cut.write_bytes(cut.read_bytes()[:3000])
+    cases = [
+        (dict(llm="llama-7b-typo"), "model.init_args.llm: LLM source 'llama-7b-typo': no such preset"),
+        (dict(imagebind="hugee"), "model.init_args.imagebind: unknown ImageBind preset 'hugee'; choose from demo, huge"),
+        (dict(init_from=str(tmp_path / "nope.ckpt")), f"init_from checkpoint file not found: {tmp_path / 'nope.ckpt'}"),
+        (dict(init_from=str(empty)), f"init_from checkpoint file {empty} is empty (0 bytes)"),
+        (dict(init_from=str(cut)), f"init_from checkpoint file {cut} is truncated or corrupt"),
+        (dict(imagebind_weights=str(tmp_path)), f"ImageBind weights path is not a file: {tmp_path}"),
+        (dict(tokenizer=str(tmp_path / "sp.model")), f"tokenizer file not found: {tmp_path / 'sp.model'}"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(InputError) as err:
+            check_sources(**{"llm": "tiny", "imagebind": "tiny", **overrides}, key="model.init_args.")
+        assert message in str(err.value)
+    check_sources("tiny", None, "tiny", None, None)  # presets alone are fine
+
+
+def test_checkpoint_reader_says_empty_and_truncated(tmp_path) -> None:
+    empty = tmp_path / "zero.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match=r"training checkpoint file .*zero\.ckpt is empty \(0 bytes\)"):
+        safe_load(empty, "training checkpoint")
+    cut = tmp_path / "cut.ckpt"
+    torch.save({"global_step": 1, "w": torch.randn(4000)}, cut)
+    cut.write_bytes(cut.read_bytes()[:5000])
+    with pytest.raises(InputError, match=r"cut\.ckpt is truncated or corrupt"):
+        safe_load(cut, "training checkpoint")
+
+
+def test_shard_patterns_that_list_no_existing_file_are_refused(tmp_path, caption_shards) -> None:
+    missing = str(tmp_path / "none-{0..1}.tar")
+    with pytest.raises(InputError, match=r"none of its 2 shard files exists \(first: .*none-0\.tar\)"):
+        WebDatasetCaptions(train=missing, tokenizer=CharTok(), num_workers=0).setup("fit")
+    with pytest.raises(InputError, match=r"the pattern lists no shard"):
+        WebDatasetCaptions(train=str(tmp_path), tokenizer=CharTok(), num_workers=0).setup("fit")
+    # one missing shard among existing ones is tolerated (skipped and counted as bad_shard while reading)
+    some = [caption_shards, str(tmp_path / "gone.tar")]
+    WebDatasetCaptions(train=some, tokenizer=CharTok(), num_workers=0, samples_per_epoch=4).setup("fit")
+
+
+def test_one_line_errors(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("IBLLM_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        with one_line_errors("python -m ibllm fit"):
+            raise InputError("/data/x.json: instruction file\nis empty")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == "python -m ibllm fit: error: /data/x.json: instruction file is empty"
+    with pytest.raises(SystemExit):
+        with one_line_errors("prog"):
+            open("/nonexistent/file.json")
+    assert capsys.readouterr().err.splitlines()[-1] == "prog: error: /nonexistent/file.json: No such file or directory"
+    monkeypatch.setenv("IBLLM_DEBUG", "1")
+    with pytest.raises(SystemExit):
+        with one_line_errors("prog"):
+            raise MediaError("video", "a.mp4", "cannot open video")
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == "prog: error: video ('a.mp4'): cannot open video"
+    with pytest.raises(RuntimeError):  # a bug keeps its traceback
+        with one_line_errors("prog"):
+            raise RuntimeError("bug")
+
+
+def bad_fit_inputs(root: Path, sp_model: str, shards: str) -> dict[str, tuple[Path, list[str], str]]:
+    """name -> (experiment, extra flags, expected last line after ``python -m ibllm fit: error: ``)."""
+    bad = root / "inputs"
+    bad.mkdir(parents=True)
+    (bad / "corrupt.json").write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c", ')
+    (bad / "empty.json").write_text("")
+    (bad / "zero.ckpt").write_bytes(b"")
+    torch.save({"global_step": 3, "state_dict": {"w": torch.randn(4000)}}, bad / "cut.ckpt")
+    (bad / "cut.ckpt").write_bytes((bad / "cut.ckpt").read_bytes()[:4000])
+
+    def stage1(name: str) -> Path:
+        return tiny_experiment(root / name, sp_model, shards)
+
+    def stage2(name: str, files: str) -> Path:
+        path = stage1(name)
+        config = yaml.safe_load(path.read_text())
+        config["model"]["class_path"] = "ibllm.lit.FinetuneModule"
+        config["data"] = {"class_path": "datamodules.InstructionData",
+                          "init_args": {"train_files": files, "batch_size": 2, "num_workers": 0}}
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return {
+        "missing_json": (stage2("missing_json", str(bad / "nope.json")), [],
+                         f"{bad / 'nope.json'}: instruction file not found"),
+        "corrupt_json": (stage2("corrupt_json", str(bad / "corrupt.json")), [],
+                         f"{bad / 'corrupt.json'}: invalid JSON at line 2, column 23: Expecting property name "
+                         "enclosed in double quotes"),
+        "empty_json": (stage2("empty_json", str(bad / "empty.json")), [], f"{bad / 'empty.json'}: instruction file is empty"),
+        "no_shards": (stage1("no_shards"), ["--data.init_args.train", str(bad / "none-{0..1}.tar")],
+                      f"shards '{bad / 'none-{0..1}.tar'}': none of its 2 shard files exists (first: {bad / 'none-0.tar'})"),
+        "llm_typo": (stage1("llm_typo"), ["--model.init_args.llm", str(bad / "llama-7b")],
+                     f"model.init_args.llm: LLM source '{bad / 'llama-7b'}': no such preset"),
+        "ckpt_empty": (stage1("ckpt_empty"), ["--ckpt_path", str(bad / "zero.ckpt")],
+                       f"training checkpoint file {bad / 'zero.ckpt'} is empty (0 bytes)"),
+        "ckpt_truncated": (stage1("ckpt_truncated"), ["--ckpt_path", str(bad / "cut.ckpt")],
+                           f"training checkpoint file {bad / 'cut.ckpt'} is truncated or corrupt"),
+        "init_from": (stage1("init_from"), ["--model.init_args.init_from", str(bad / "stage1.ckpt")],
+                      f"model.init_args.init_from: init_from checkpoint file not found: {bad / 'stage1.ckpt'}"),
+        "preset": (stage1("preset"), ["--model.init_args.imagebind", "hugee"],
+                   "model.init_args.imagebind: unknown ImageBind preset 'hugee'; choose from demo, huge, huge_w3d, tiny"),
+    }
+
+
+def written(run_folder: Path) -> list[str]:
+    """Everything in a run folder but the experiment file."""
+    return sorted(str(p.relative_to(run_folder)) for p in run_folder.rglob("*") if p.name != "fit.yaml")
+
+
+def test_fit_set_up_errors_end_with_one_line_and_write_nothing(tmp_path, sp_model, caption_shards, capsys,
+                                                               monkeypatch) -> None:
+    monkeypatch.delenv("IBLLM_DEBUG", raising=False)
+    for name, (config, flags, expected) in bad_fit_inputs(tmp_path, sp_model, caption_shards).items():
+        with pytest.raises(SystemExit) as stop:
+            cli_main(["fit", "--config", str(config), *flags])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, (name, err[-2000:])
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("python -m ibllm fit: error: " + expected), (name, last)
+        assert "Traceback" not in err and "NoneType" not in err, name
+        assert written(config.parent) == [], (name, written(config.parent))
+
+
+@pytest.mark.system
+def test_fit_set_up_error_in_a_real_process(tmp_path, sp_model, caption_shards, cli_env) -> None:
+    cases = bad_fit_inputs(tmp_path, sp_model, caption_shards)
+    for name, debug in (("corrupt_json", "0"), ("ckpt_empty", "1")):
+        config, flags, expected = cases[name]
+        proc = subprocess.run([sys.executable, "-m", "ibllm", "fit", "--config", str(config), *flags], cwd=REPO,
+                              env=cli_env(IBLLM_DEBUG=debug), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("python -m ibllm fit: error: " + expected)
+        assert ("Traceback" in proc.stderr) == (debug == "1")  # IBLLM_DEBUG=1 keeps the full traceback
+        assert written(config.parent) == []

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ibllm.atomic import atomic_write, write_text_atomic
 from ibllm.config import LLaMAConfig
-from ibllm.files import CheckpointError, PathLike
+from ibllm.files import CheckpointError, PathLike, check_input_file
 
 StateDict = dict[str, Tensor]
 # Lightning's name for the non-tensor part (loops, callbacks, hyper-parameters) of a sharded checkpoint folder.
@@ -34,16 +34,12 @@ def safe_load(path: PathLike, what: str = "checkpoint", mmap: bool = True) -> di
     """Load a ``.safetensors`` file or a PyTorch pickle without ever executing code from it.
 
     ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
-    on the CPU, memory-mapped (``mmap``) when the file format allows. A missing, corrupt or code-carrying
-    file raises :class:`CheckpointError` naming the file and ``what`` it was supposed to be.
+    on the CPU, memory-mapped (``mmap``) when the file format allows. A missing, empty, truncated, corrupt
+    or code-carrying file raises :class:`CheckpointError` naming the file and ``what`` it was supposed to be.
     While memory-mapped tensors are alive, replace the file only with :func:`save_atomic` (a new inode),
     never by writing it in place: truncating a mapped file crashes the process (SIGBUS).
     """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{what} file not found: {p}")
-    if not p.is_file():
-        raise CheckpointError(f"{what} path is not a file: {p}")
+    p = check_input_file(path, what)  # missing, a folder, empty, a zip cut short: said before any parsing
     if p.suffix == ".safetensors":
         return _load_safetensors(p, what)
     return _torch_load(p, what, mmap)

@@ -45,9 +45,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Dispatch ``python -m ibllm``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from ibllm.cli.user_errors import one_line_errors  # imports torch: only for training verbs
         from ibllm.lit import run_lightning_cli  # Lightning and torch: only for training verbs
 
-        run_lightning_cli(argv)
+        with one_line_errors(f"python -m ibllm {argv[0]}"):  # a bad input: one last line naming it, exit 2
+            run_lightning_cli(argv)
         return
     if argv and argv[0] in VERBS:
         importlib.import_module(VERBS[argv[0]][0]).main(argv[1:])  # each verb module's main(argv)

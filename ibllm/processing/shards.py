@@ -37,7 +37,8 @@ UrlSpec = Union[str, Path, Sequence[Union[str, Path]]]
 
 
 # ---- listing ---------------------------------------------------------------------------------------
-def _is_remote(spec: str) -> bool:
+def is_remote(spec: str) -> bool:
+    """True for a URL (``scheme://...``) or a ``pipe:`` command, which are opened as given, never checked."""
     return "://" in spec or spec.startswith("pipe:")
 
 
@@ -60,7 +61,7 @@ def expand_urls(spec: UrlSpec) -> list[str]:
     urls = []
     for part in spec.split("::"):
         for url in braceexpand.braceexpand(part) if part else ():
-            if glob.has_magic(url) and not _is_remote(url) and not os.path.exists(url):
+            if glob.has_magic(url) and not is_remote(url) and not os.path.exists(url):
                 urls += sorted(glob.glob(url))
             else:
                 urls.append(url)
@@ -180,7 +181,7 @@ class TarSample:
 def open_shard(url: str) -> BinaryIO:
     """A binary stream of shard ``url``: a local file (a missing one raises FileNotFoundError naming it),
     or a remote URL / ``pipe:`` command through webdataset's opener."""
-    if os.path.exists(url) or not _is_remote(url):
+    if os.path.exists(url) or not is_remote(url):
         return open(url, "rb")
     import webdataset as wds  # only remote shards need it, and it is slow to import
 
