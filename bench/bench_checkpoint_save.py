@@ -7,9 +7,9 @@
    ``$TMPDIR`` moved into place) with ``$TMPDIR`` on the same filesystem and on a tmpfs (/dev/shm, where the
    move becomes a copy), and :class:`ibllm.checkpoints.lightning_io.AtomicCheckpointIO` (written beside the
    target, fsync, rename).
-2. kill -9 at a random moment of a tiny training run (a child process, ``$TMPDIR`` on /dev/shm) that checkpoints
-   every N steps, for each writer: steps lost (last step reached - step of ``last.ckpt``), truncated files
-   under final names, and orphans in ``$TMPDIR``.
+2. kill -9 of a tiny training run (a child process, ``$TMPDIR`` on /dev/shm) that checkpoints every N steps,
+   for each writer, at a random point of an interval or while a checkpoint is being written: steps lost
+   (last step reached - step of ``last.ckpt``), truncated files under final names, orphans in ``$TMPDIR``.
 """
 
 from __future__ import annotations
@@ -95,31 +95,58 @@ def child(args: argparse.Namespace) -> None:
     trainer.fit(module, DataLoader(Rows(), batch_size=2))
 
 
-def kill_trial(writer_name: str, every: int, root: Path, ballast_mb: int) -> dict:
-    """One run killed at a random moment after its first checkpoint."""
+def _writing(writer_name: str, ckpt: Path, tmpdir: str, pid: int) -> bool:
+    """A checkpoint write of the child is in progress (its temporary file exists)."""
+    if writer_name == "lightning":
+        return bool(os.listdir(tmpdir))
+    return ckpt.is_dir() and any(f".tmp-{pid}" in p.name for p in ckpt.iterdir())
+
+
+def _read(proc: subprocess.Popen) -> str:
+    """What the child printed since the last call (non-blocking)."""
+    try:
+        return (os.read(proc.stdout.fileno(), 1 << 16) or b"").decode()
+    except BlockingIOError:
+        return ""
+
+
+def kill_trial(writer_name: str, every: int, root: Path, ballast_mb: int, moment: str) -> dict:
+    """One run killed after its first checkpoint: at a random point of the next ``every`` steps
+    (``moment="random"``) or as soon as a checkpoint write is in progress (``moment="save"``)."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
+    ckpt = root / "ckpt"
     with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="bench-ckpt-") as tmpdir:
         env = {**os.environ, "TMPDIR": tmpdir, "PYTHONPATH": str(REPO)}
         proc = subprocess.Popen([sys.executable, __file__, "--child", "--writer", writer_name, "--every", str(every),
                                  "--root", str(root), "--ballast-mb", str(ballast_mb)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        last = 0
-        started = None
-        kill_after = random.uniform(0.5, 4.0)
-        for line in proc.stdout:
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        os.set_blocking(proc.stdout.fileno(), False)
+        last, first, target, buffer = 0, None, None, ""
+        while proc.poll() is None:
+            buffer += _read(proc)
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                if line.startswith("step "):
+                    last = int(line.split()[1])
+            if first is None and (ckpt / "last.ckpt").exists():
+                first = last
+                target = first + random.randint(1, every)
+            if first is not None and moment == "save" and last > first and _writing(writer_name, ckpt, tmpdir, proc.pid):
+                time.sleep(random.uniform(0.0, 0.4))  # somewhere in the write (Lightning: often in the move)
+                proc.send_signal(signal.SIGKILL)
+            elif first is not None and moment == "random" and last >= target:
+                time.sleep(random.uniform(0.0, 0.3))
+                proc.send_signal(signal.SIGKILL)
+            time.sleep(0.001)
+        buffer += _read(proc)
+        for line in buffer.split("\n"):
             if line.startswith("step "):
                 last = int(line.split()[1])
-            if started is None and (root / "ckpt" / "last.ckpt").exists():
-                started = time.time()
-            if started is not None and time.time() - started > kill_after:
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait()
         orphans = os.listdir(tmpdir)
         orphan_mb = sum(os.path.getsize(os.path.join(tmpdir, f)) for f in orphans) / 2**20
     truncated, saved = 0, None
-    for path in (root / "ckpt").glob("*.ckpt"):
+    for path in ckpt.glob("*.ckpt"):
         try:
             state = torch.load(path, weights_only=True, map_location="cpu")
             if path.name == "last.ckpt":
@@ -154,17 +181,20 @@ def main() -> None:
             times = time_saves(mb, args.repeats, work)
             print(f"| {mb} MiB | " + " | ".join(f"{t:.3f} s" for t in times.values()) + " |", flush=True)
         print()
-        print("| writer | checkpoint every | kills | steps lost (mean / max) | truncated files | orphans in TMPDIR |")
-        print("|---|---|---|---|---|---|")
+        print("| writer | checkpoint every | killed | kills | steps lost (mean / max) | truncated files "
+              "| orphans in TMPDIR |")
+        print("|---|---|---|---|---|---|---|")
         random.seed(0)
-        for every in args.intervals:
-            for name in ("lightning", "atomic"):
-                trials = [kill_trial(name, every, work / "run", args.ballast_mb) for _ in range(args.kills)]
-                lost = [t["lost"] for t in trials if t["lost"] is not None]
-                print(f"| {name} | {every} | {len(trials)} | "
-                      f"{statistics.mean(lost) if lost else float('nan'):.1f} / {max(lost) if lost else '-'} | "
-                      f"{sum(t['truncated'] for t in trials)} | {sum(t['orphans'] for t in trials)} "
-                      f"({sum(t['orphan_mb'] for t in trials):.0f} MiB) |", flush=True)
+        for moment in ("random", "save"):
+            for every in args.intervals if moment == "random" else args.intervals[:1]:
+                for name in ("lightning", "atomic"):
+                    trials = [kill_trial(name, every, work / "run", args.ballast_mb, moment) for _ in range(args.kills)]
+                    lost = [t["lost"] for t in trials if t["lost"] is not None]
+                    print(f"| {name} | {every} | {'during a save' if moment == 'save' else 'any time'} | "
+                          f"{len(trials)} | {statistics.mean(lost) if lost else float('nan'):.1f} / "
+                          f"{max(lost) if lost else '-'} ({len(trials) - len(lost)} without a readable last.ckpt) | "
+                          f"{sum(t['truncated'] for t in trials)} | {sum(t['orphans'] for t in trials)} "
+                          f"({sum(t['orphan_mb'] for t in trials):.0f} MiB) |", flush=True)
 
 
 if __name__ == "__main__":

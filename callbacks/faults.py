@@ -80,10 +80,8 @@ class SafeExceptionCheckpoint(OnExceptionCheckpoint):
         if model is None or self._start_step is None:
             return False
         try:
-            check_finite_trainables(model, getattr(pl_module, "stage", "finetune"), trainer.global_step)
+            check_finite_trainables(model, getattr(pl_module, "stage", "finetune"), trainer.global_step, agree=False)
         except FloatingPointError:
-            return True
-        except Exception:  # noqa: BLE001 - e.g. a collective that cannot run any more: do not save
             return True
         return False
 

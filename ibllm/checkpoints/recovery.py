@@ -141,15 +141,16 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def check_finite_trainables(model: nn.Module, stage: str, global_step: int) -> None:
+def check_finite_trainables(model: nn.Module, stage: str, global_step: int, agree: bool = True) -> None:
     """Raise ``FloatingPointError`` naming the step and the first tensors when a trainable weight is not
-    finite (all ranks agree through one all-reduce, so they stop together)."""
+    finite. With ``agree`` (a training step) all ranks agree through one all-reduce, so they stop together;
+    without it only this rank's tensors are checked (no collective, e.g. while handling an exception)."""
     params = [(n, p) for n, p in tuning.trainable_parameters(model, stage)]
     if not params:
         return
     flags = torch.stack([torch.isfinite(_local(p.detach())).all() for _, p in params])
     bad = (~flags).sum().reshape(1).to(torch.int32)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if agree and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(bad)
     if int(bad.item()) == 0:
         return
