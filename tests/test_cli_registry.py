@@ -94,7 +94,8 @@ def test_every_verb_has_a_registered_function_and_help(capsys):
      {"http.api_key": "k", "http.max_batch": 1, "http.media_dir": "m", "sampling.max_gen_len": 128}),
     ("slurm", ["--config", "e.yaml", "--gpus-per-node", "2", "--prepare-demo", "--dry-run", "--args", "--a.b 1"],
      {"config": "e.yaml", "gpus_per_node": 2, "prepare_demo": True, "dry_run": True, "args": "--a.b 1"}),
-    ("inspect", ["--preset", "7B", "--stage", "finetune", "--json"], {"preset": "7B", "stage": "finetune", "json": True}),
+    ("inspect", ["--preset", "7B", "--stage", "finetune", "--json"],
+     {"preset": "7B", "stage": "finetune", "json": True}),
 ])
 def test_the_flags_users_type_still_parse(name, argv, expected):
     values = parse(name, argv)

@@ -3,8 +3,8 @@
 * ``fit`` / ``validate`` / ``test`` / ``predict``: Lightning training from a YAML experiment, any field
   overridable with a dotted flag (``--model.lr 1e-4 --trainer.max_steps 100``).
 * every other verb is a typed function registered with :func:`ibllm.verbs.registry.verb` in the module
-  :data:`VERBS` names (imported only when the verb runs, through its ``main(argv)``): its options come from the signature, its help
-  from the docstring, and ``--config FILE.yaml`` sets any of them.
+  :data:`VERBS` names (imported only when the verb runs, through its ``main(argv)``): its options come
+  from the signature, its help from the docstring, and ``--config FILE.yaml`` sets any of them.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ def config_from_args(args: Any) -> ServerConfig:
     for name in ("max_body_mb", "max_batch", "max_queue", "timeout", "max_gen_len"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    return ServerConfig(model_name=args.model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, media_dir=media,
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    return ServerConfig(model_name=args.model_name, api_key=api_key, media_dir=media,
                         max_body_bytes=int(args.max_body_mb * 2**20), max_tokens=args.max_gen_len,
                         temperature=args.temperature, top_p=args.top_p, timeout_s=args.timeout,
                         max_batch=args.max_batch, max_queue=args.max_queue,

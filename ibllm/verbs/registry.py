@@ -116,7 +116,8 @@ def build_parser(name: str) -> ArgumentParser:
     hints = _hints(fn)
     for group in spec.flat:
         cls = hints[group]
-        parser.add_class_arguments(cls, nested_key=None, skip=set(spec.skip) & {f.name for f in dataclasses.fields(cls)})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        parser.add_class_arguments(cls, nested_key=None, skip=set(spec.skip) & fields)
         default = params[group].default
         if default is not inspect.Parameter.empty and default is not None:
             parser.set_defaults({f.name: getattr(default, f.name) for f in dataclasses.fields(cls)
@@ -162,8 +163,8 @@ def _list_options(parser: ArgumentParser) -> set[str]:
 def translate(spec: Verb, parser: ArgumentParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """``argv`` in jsonargparse's terms: aliases replaced, bare and ``--no-`` booleans given values, the
     values of a repeated list option gathered into one JSON list, a non-file ``--config`` value given to
-    ``config_fallback``. Returns ``(tokens, unknown options)``; the
-    unknown ones are only split off for a verb with ``rest``."""
+    ``config_fallback``. Returns ``(tokens, unknown options)``; the unknown ones are only split off for a
+    verb with ``rest``."""
     known = parser._option_string_actions
     bools = _bool_options(parser)
     lists = _list_options(parser)
@@ -184,8 +185,8 @@ def translate(spec: Verb, parser: ArgumentParser, argv: Sequence[str]) -> tuple[
         name, eq, value = token.partition("=")
         if name in spec.aliases:
             target = spec.aliases[name]
-            name, eq2, value2 = target.partition("=")
-            if eq2:
+            name, has_value, _ = target.partition("=")
+            if has_value:
                 out.append(target)
                 continue
         if name == "--config" and spec.config_fallback:
@@ -207,7 +208,7 @@ def translate(spec: Verb, parser: ArgumentParser, argv: Sequence[str]) -> tuple[
             continue
         if name.startswith("--no-") or name.startswith("--no_"):
             positive = "--" + name[5:]
-            if positive in bools and positive not in known.get(name, ()) and not eq:
+            if positive in bools and name not in known and not eq:
                 out.append(f"{positive}=false")
                 continue
         if name not in known and spec.rest and name not in ("--help", "-h"):
