@@ -24,7 +24,6 @@ image that fails to load is replaced by the next item. Like stage 1's, every bat
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -41,8 +40,6 @@ from ibllm.processing.image import load_image
 from ibllm.processing.samples import build_conversation_sample, build_sample, collate
 from ibllm.processing.shards import world_info
 from ibllm.processing.templates import format_prompt
-
-log = logging.getLogger(__name__)
 
 __all__ = ["ASSISTANT_ROLES", "SKIP_ROLES", "USER_ROLES", "InstructionData", "InstructionDataset", "InstructionRecord",
            "MalformedItem", "SkipCollate", "expand_files", "load_records", "parse_item"]

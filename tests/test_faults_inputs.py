@@ -310,7 +310,7 @@ def test_check_sources_names_the_setting_and_the_file(tmp_path) -> None:
     cut.write_bytes(cut.read_bytes()[:3000])
     cases = [
         (dict(llm="llama-7b-typo"), "model.init_args.llm: LLM source 'llama-7b-typo': no such preset"),
-        (dict(imagebind="hugee"), "model.init_args.imagebind: unknown ImageBind preset 'hugee'; choose from demo, huge"),
+        (dict(imagebind="hugee"), "model.init_args.imagebind: unknown ImageBind preset 'hugee'; choose from demo"),
         (dict(init_from=str(tmp_path / "nope.ckpt")), f"init_from checkpoint file not found: {tmp_path / 'nope.ckpt'}"),
         (dict(init_from=str(empty)), f"init_from checkpoint file {empty} is empty (0 bytes)"),
         (dict(init_from=str(cut)), f"init_from checkpoint file {cut} is truncated or corrupt"),
@@ -398,9 +398,11 @@ def bad_fit_inputs(root: Path, sp_model: str, shards: str) -> dict[str, tuple[Pa
         "corrupt_json": (stage2("corrupt_json", str(bad / "corrupt.json")), [],
                          f"{bad / 'corrupt.json'}: invalid JSON at line 2, column 23: Expecting property name "
                          "enclosed in double quotes"),
-        "empty_json": (stage2("empty_json", str(bad / "empty.json")), [], f"{bad / 'empty.json'}: instruction file is empty"),
+        "empty_json": (stage2("empty_json", str(bad / "empty.json")), [],
+                       f"{bad / 'empty.json'}: instruction file is empty"),
         "no_shards": (stage1("no_shards"), ["--data.init_args.train", str(bad / "none-{0..1}.tar")],
-                      f"shards '{bad / 'none-{0..1}.tar'}': none of its 2 shard files exists (first: {bad / 'none-0.tar'})"),
+                      f"shards '{bad / 'none-{0..1}.tar'}': none of its 2 shard files exists "
+                      f"(first: {bad / 'none-0.tar'})"),
         "llm_typo": (stage1("llm_typo"), ["--model.init_args.llm", str(bad / "llama-7b")],
                      f"model.init_args.llm: LLM source '{bad / 'llama-7b'}': no such preset"),
         "ckpt_empty": (stage1("ckpt_empty"), ["--ckpt_path", str(bad / "zero.ckpt")],
@@ -410,7 +412,8 @@ def bad_fit_inputs(root: Path, sp_model: str, shards: str) -> dict[str, tuple[Pa
         "init_from": (stage1("init_from"), ["--model.init_args.init_from", str(bad / "stage1.ckpt")],
                       f"model.init_args.init_from: init_from checkpoint file not found: {bad / 'stage1.ckpt'}"),
         "preset": (stage1("preset"), ["--model.init_args.imagebind", "hugee"],
-                   "model.init_args.imagebind: unknown ImageBind preset 'hugee'; choose from demo, huge, huge_w3d, tiny"),
+                   "model.init_args.imagebind: unknown ImageBind preset 'hugee'; choose from demo, huge, "
+                   "huge_w3d, tiny"),
     }
 
 
