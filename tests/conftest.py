@@ -212,3 +212,24 @@ def instruction_files(tmp_path_factory) -> dict[str, str]:
     (folder / "alpaca.json").write_text(json.dumps(alpaca))
     (folder / "llava.json").write_text(json.dumps(llava))
     return {"alpaca": str(folder / "alpaca.json"), "llava": str(folder / "llava.json"), "root": str(folder)}
+
+
+# ---- the digits demo trained at test size (learning tests, cross-modal claim) -------------------------------
+
+
+@pytest.fixture(scope="session")
+def digits_demo(tmp_path_factory) -> Any:
+    """Digit shards, digit instructions and the demo's stage-0 towers (``demo`` preset, shortened recipe),
+    built once per session (see ``digits_training.py``)."""
+    from digits_training import prepare_digits_demo  # imports the package under test and Lightning
+
+    return prepare_digits_demo(tmp_path_factory.mktemp("digits_demo"))
+
+
+@pytest.fixture(scope="session")
+def digits_stage1(digits_demo, tmp_path_factory) -> Any:
+    """Stage 1 of the demo at test size, trained once per session: a ``StageRun`` (held-out caption accuracy
+    before / after, the checkpoint)."""
+    from digits_training import train_stage1
+
+    return train_stage1(digits_demo, tmp_path_factory.mktemp("digits_stage1"))
