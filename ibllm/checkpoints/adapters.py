@@ -286,6 +286,10 @@ def load_checked(model: nn.Module, state: Mapping[str, Tensor], source: str, req
     """
     own = model.state_dict(keep_vars=True)
     check_loadable(own, state, source, required)
+    nonfinite = sorted(k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if nonfinite:
+        raise CheckpointError(f"{source}: non-finite values (NaN or inf) in {preview(nonfinite)}; the weights "
+                              "diverged, use an earlier checkpoint")
     if any(hasattr(own[key], "device_mesh") for key in state):  # sharded (DTensor) model: each rank its slice
         for key, t in state.items():
             assign_full(own[key], t)
@@ -306,10 +310,6 @@ def check_loadable(own: Mapping[str, Tensor], state: Mapping[str, Tensor], sourc
         if tuple(t.shape) != tuple(own[key].shape):
             raise CheckpointError(f"{source}: key {key!r} has shape {list(t.shape)}, the model expects "
                                   f"{list(own[key].shape)}")
-    nonfinite = sorted(k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-    if nonfinite:
-        raise CheckpointError(f"{source}: non-finite values (NaN or inf) in {preview(nonfinite)}; the weights "
-                              "diverged, use an earlier checkpoint")
 
 
 def load_trainable(model: nn.Module, path: PathLike) -> Adapter:
