@@ -5,6 +5,10 @@ run at test size: stage 0 with fewer steps, stages 1 and 2 on SmolLM2-135M-Instr
 ``SHALLOW_LAYERS`` blocks (real pretrained weights and tokenizer; the final norm and the tied output head
 kept), for few steps at a high learning rate. A random tiny LLaMA is no stand-in here: with a frozen random
 language model the stage-1 trainables cannot produce captions (it learns to stop at once).
+
+Status: the sizes below are a first attempt and do not learn yet (stage 1 with 4 or 8 of SmolLM2's blocks,
+150 steps at lr 4e-3, ends with empty captions, held-out accuracy 0.00); the tests that use this module are
+not in the tree until a configuration that learns within the time budget is found.
 """
 
 from __future__ import annotations
