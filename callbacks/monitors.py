@@ -7,10 +7,29 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm
 
 from ibllm.generation import generate_tokens
 from ibllm.processing.templates import CAPTION_INSTRUCTION, format_prompt
+
+
+def total_grad_norm(module: torch.nn.Module) -> float | None:
+    """L2 norm of all gradients of ``module`` (None when none exists). Sharded (DTensor) gradients, as under
+    FSDP2, contribute their local shards and are summed across ranks; every rank must call this."""
+    plain, sharded, any_grad = 0.0, None, False
+    for param in module.parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        any_grad = True
+        if hasattr(grad, "to_local"):
+            local = grad.to_local().detach().double().pow(2).sum()
+            sharded = local if sharded is None else sharded + local
+        else:
+            plain += float(grad.detach().double().pow(2).sum())
+    if sharded is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sharded)
+    total = plain + (float(sharded) if sharded is not None else 0.0)
+    return total ** 0.5 if any_grad else None
 
 
 def log_scalar(trainer: L.Trainer, name: str, value: float) -> None:
@@ -30,9 +49,9 @@ class GateMonitor(L.Callback):
         """Log the gradient norm and the gates' openness every ``every_n_steps`` steps."""
         if trainer.global_step % self.every_n_steps:
             return
-        norms = grad_norm(pl_module.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            log_scalar(trainer, "train/grad_norm", float(norms["grad_2.0_norm_total"]))
+        norm = total_grad_norm(pl_module.model)
+        if norm is not None:
+            log_scalar(trainer, "train/grad_norm", norm)
         gates = [layer.attention.gate.detach().float().tanh().abs().mean().item() for layer in pl_module.model.llama.layers]
         for i, value in enumerate(gates):
             log_scalar(trainer, f"gates/layer_{i:02d}", value)
