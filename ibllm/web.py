@@ -227,7 +227,7 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
                         for modality, label, exts in row:
                             note = "" if engine.available(modality) else " (not in this model)"
                             with gr.Column(min_width=150), gr.Group():
-                                files[modality] = gr.File(label=f"{label}{note}", type="filepath", height=80,
+                                files[modality] = gr.File(label=f"{label}{note}", type="filepath", height=120,
                                                           elem_id=f"ibllm-{modality}")
                                 if modality == "image":  # a thumbnail of the uploaded image
                                     preview = gr.HTML("", elem_id="ibllm-image-preview", padding=False)
@@ -255,7 +255,7 @@ def build_app(engine: ChatEngine, title: str = "ImageBind-LLM", gen: GenerationS
                     seed = gr.Number(value=-1 if gen.seed is None else gen.seed, precision=0,
                                      label="seed (-1 = random)", elem_id="ibllm-seed")
             with gr.Column(scale=3, min_width=360):
-                chatbot = gr.Chatbot(label="Conversation", height=460, render_markdown=False,
+                chatbot = gr.Chatbot(label="Conversation", height=560, render_markdown=False,
                                      elem_id="ibllm-chat", feedback_options=None, buttons=["copy"])
                 question = gr.Textbox(label="Question", placeholder="Ask about the inputs… (Enter sends)",
                                       lines=1, elem_id="ibllm-question")
