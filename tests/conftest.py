@@ -233,3 +233,14 @@ def digits_stage1(digits_demo, tmp_path_factory) -> Any:
     from digits_training import train_stage1
 
     return train_stage1(digits_demo, tmp_path_factory.mktemp("digits_stage1"))
+
+
+def random_visual_cache(out: Path, count: int = 40, dim: int = 32) -> Path:
+    """Build a small visual cache of ``count`` random unit vectors (width ``dim``) into ``out``."""
+    from ibllm.cache_build.index import build_index
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((count, dim)).astype("float32")
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    build_index(emb, [f"s:{i}" for i in range(count)], out=out, show_progress=False)
+    return out

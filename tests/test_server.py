@@ -26,6 +26,7 @@ from ibllm.server.messages import map_messages, read_media_file
 from ibllm.server.scheduler import OutputText
 from ibllm.server.schemas import APIError, ServerConfig, parse_request
 from test_inference import make_tiny_project
+from conftest import random_visual_cache
 
 openai = pytest.importorskip("openai", reason="the API tests need the 'dev' extra (pip install '.[dev]')")
 httpx = pytest.importorskip("httpx")
@@ -99,14 +100,7 @@ def tiny(tmp_path_factory, sp_model):
 @pytest.fixture(scope="module")
 def cache_dir(tiny) -> Path:
     """A small visual cache (40 random unit vectors of the tiny encoder's width)."""
-    from ibllm.cache_build.index import build_index
-
-    rng = np.random.default_rng(0)
-    emb = rng.standard_normal((40, 32)).astype("float32")
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    out = tiny["root"] / "cache"
-    build_index(emb, [f"s:{i}" for i in range(40)], out=out, show_progress=False)
-    return out
+    return random_visual_cache(tiny["root"] / "cache")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import ibllm
 from browser_helpers import Server, foreign_urls, requested_urls
 from test_inference import make_tiny_project
+from conftest import random_visual_cache
 
 pytest.importorskip("gradio", reason="the web demo needs the 'web' extra (pip install '.[web]')")
 
@@ -32,14 +33,7 @@ def tiny(tmp_path_factory, sp_model):
 @pytest.fixture(scope="module")
 def cache_dir(tiny) -> Path:
     """A small visual cache (40 random unit vectors of the tiny encoder's width)."""
-    from ibllm.cache_build.index import build_index
-
-    rng = np.random.default_rng(0)
-    emb = rng.standard_normal((40, 32)).astype("float32")
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    out = tiny["root"] / "cache"
-    build_index(emb, [f"s:{i}" for i in range(40)], out=out, show_progress=False)
-    return out
+    return random_visual_cache(tiny["root"] / "cache")
 
 
 @pytest.fixture(scope="module")
