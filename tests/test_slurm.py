@@ -140,7 +140,11 @@ def test_slurm_usr1_requeues_and_resumes(slurm_cluster, tmp_path, sp_model, capt
     logs = job_logs(root)
     assert state == "COMPLETED", logs
     assert f"job {job} restart 1" in logs  # the same job ran again
-    assert "hpc_ckpt_1.ckpt" in logs and "Restor" in logs  # ... and resumed from the requeue checkpoint
+    # ... and resumed where the requeue left off. hpc_ckpt_1, last.ckpt (saved at the same step end) and
+    # interrupted.ckpt (saved when the requeue's SIGTERM arrived) all hold saved_step; the newest is taken.
+    assert "Restoring states from the checkpoint path at" in logs, logs
+    steps = [int(line.split("\t")[0]) for line in (root / "keys" / "keys.rank0.txt").read_text().splitlines()]
+    assert steps == list(range(1, max_steps + 1)), steps  # each step once: none lost, none trained twice
     final = meta(root / "checkpoints" / "last.ckpt")
     assert final["global_step"] == max_steps
     # the data stream continues with a new shard order: the resumed run's seed includes resume_count 1
