@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make test                      set up (venv + install) and run the test suite (everything CI runs)"
-	@echo "make test-unit                 the unit tests only (pytest -m 'not system')"
+	@echo "make test-unit                 the unit tests only (pytest -m 'not system and not slow')"
 	@echo "make pretrain [EXP=.. ARGS=..]  stage 1 (default: the embedded CPU demo, ending with its visual cache)"
 	@echo "make finetune [EXP=.. ARGS=..]  stage 2 (default: the embedded CPU demo, after pretrain)"
 	@echo "make pretrain SLURM=1 NODES=4 GPUS_PER_NODE=8 [PARTITION=.. TIME=.. ACCOUNT=.. CPUS_PER_TASK=..] EXP=..  submit to SLURM"
@@ -53,9 +53,9 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The unit tests only (no system test): the fast loop while editing.
+# The unit tests only (no system test, no real training): the fast loop while editing.
 test-unit: setup
-	$(BIN)/python -m pytest -q -m "not system" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not system and not slow" $(PYTEST_ARGS)
 
 # SLURM=1 outside an allocation: render experiments/slurm.sbatch (NODES x GPUS_PER_NODE tasks, srun,
 # SIGUSR1 requeue), print it, keep it with the run's logs (<default_root_dir>/slurm/) and submit it with sbatch.

@@ -217,6 +217,18 @@ def instruction_files(tmp_path_factory) -> dict[str, str]:
 # ---- the digits demo trained at test size (learning tests, cross-modal claim) -------------------------------
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--adamw-lr-scale", type=float, default=1.0,
+                     help="scale every AdamW learning rate of the digits learning runs (stage 1 and 2) by this "
+                          "factor; 1e-3 cripples learning, and the learning tests must then fail")
+
+
+@pytest.fixture(scope="session")
+def adamw_lr_scale(request) -> float:
+    """The ``--adamw-lr-scale`` option (1.0 unless asked)."""
+    return request.config.getoption("--adamw-lr-scale")
+
+
 @pytest.fixture(scope="session")
 def digits_demo(tmp_path_factory) -> Any:
     """Digit shards, digit instructions and the demo's stage-0 towers (``demo`` preset, shortened recipe),
@@ -227,12 +239,12 @@ def digits_demo(tmp_path_factory) -> Any:
 
 
 @pytest.fixture(scope="session")
-def digits_stage1(digits_demo, tmp_path_factory) -> Any:
-    """Stage 1 of the demo at test size, trained once per session: a ``StageRun`` (held-out caption accuracy
-    before / after, the checkpoint)."""
+def digits_stage1(digits_demo, tmp_path_factory, adamw_lr_scale) -> Any:
+    """Stage 1 of the demo at test size on the real SmolLM2, trained once per session: a ``StageRun``
+    (held-out caption accuracy before / after, the checkpoint)."""
     from digits_training import train_stage1
 
-    return train_stage1(digits_demo, tmp_path_factory.mktemp("digits_stage1"))
+    return train_stage1(digits_demo, tmp_path_factory.mktemp("digits_stage1"), adamw_lr_scale)
 
 
 def random_visual_cache(out: Path, count: int = 40, dim: int = 32) -> Path:

@@ -1,21 +1,19 @@
-"""Small real trainings of the digits demo for the learning tests and the cross-modal claim.
+"""Small real trainings of the digits demo, for the learning tests and the cross-modal claim.
 
-The demo's own pieces (data writers, stage-0 recipe with the ``demo`` preset, held-out accuracy callbacks)
-run at test size: stage 0 with fewer steps, stages 1 and 2 on SmolLM2-135M-Instruct cut to its first
-``SHALLOW_LAYERS`` blocks (real pretrained weights and tokenizer; the final norm and the tied output head
-kept), for few steps at a high learning rate. A random tiny LLaMA is no stand-in here: with a frozen random
-language model the stage-1 trainables cannot produce captions (it learns to stop at once).
+The demo's own pieces run at test size: its data writers, its stage-0 recipe (fewer steps), the real
+SmolLM2-135M-Instruct (frozen, bf16) and its held-out accuracy callbacks. What makes them fit a test is
+fewer steps at a higher learning rate and smaller held-out sets, nothing else: stage 1 reaches about 0.9
+held-out caption accuracy in 50 steps on the whole LLM (a frozen *random* or truncated LLM cannot caption:
+it learns to stop at once).
 
-Status: the sizes below are a first attempt and do not learn yet (stage 1 with 4 or 8 of SmolLM2's blocks,
-150 steps at lr 4e-3, ends with empty captions, held-out accuracy 0.00); the tests that use this module are
-not in the tree until a configuration that learns within the time budget is found.
+``pytest --adamw-lr-scale 1e-3`` scales every AdamW learning rate of stages 1 and 2 (not of the stage-0
+fixture) to show that the learning tests catch crippled learning: they must then fail.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,22 +24,28 @@ import pytest
 import torch
 
 from datamodules import InstructionData, WebDatasetCaptions
-from ibllm import tuning
-from ibllm.build import build_encoder, load_base_llama, load_llama_weights
-from ibllm.checkpoints.adapters import load_trainable
+from ibllm.cache_build.distributor import build_cache_from_shards
+from ibllm.cache_build.mapper import make_factory
+from ibllm.demos.crossmodal.audio_tower import AudioEncoder, AudioRecipe, build_audio_encoder
+from ibllm.demos.crossmodal.speech import SpeechSpec
 from ibllm.demos.digits.callbacks import BeforeAfterAccuracy, DigitCaptionAccuracy, DigitInstructionAccuracy
 from ibllm.demos.digits.data import DigitInstructions, DigitShards, write_digit_instructions, write_digit_shards
 from ibllm.demos.digits.towers import DemoRecipe, build_demo_encoder
 from ibllm.lit import FinetuneModule, PretrainModule
-from ibllm.models.ibllm import ImageBindLLM
 
 SMOLLM2 = "smollm2-135m-instruct"
-SHALLOW_LAYERS = 4
-# Stage 0 of the demo recipe (``demo`` preset, stage-1 crops, class-aware InfoNCE), shortened.
-STAGE0 = DemoRecipe(steps=120, warmup=24)
-STAGE1 = {"steps": 150, "batch_size": 8, "lr": 4e-3, "heldout": 100}
-STAGE2 = {"steps": 60, "batch_size": 8, "lr": 4e-3, "heldout": 60}
+# Stage 0 of the demo recipe, shortened (held-out zero-shot accuracy about 0.95 instead of 0.97).
+STAGE0 = DemoRecipe(steps=300, warmup=20)
+STAGE1 = {"steps": 50, "batch_size": 8, "lr": 2e-3, "warmup": 5, "heldout": 60, "max_gen_len": 10}
+STAGE2 = {"steps": 40, "batch_size": 4, "lr": 3e-3, "warmup": 5, "heldout_items": 24, "max_gen_len": 16}
 INSTRUCTION_IMAGES = 300
+# The audio tower at test size: 4 of the demo's 12 training voices, the extreme speeds and pitches; held out:
+# 2 unseen voices at the in-between speeds (40 clips).
+_FULL_SPEECH = SpeechSpec()
+TEST_SPEECH = SpeechSpec(train_voices=_FULL_SPEECH.train_voices[:4], train_speeds=(120, 200), train_pitches=(25, 75),
+                         heldout_voices=_FULL_SPEECH.heldout_voices[:2], heldout_speeds=(140, 180),
+                         heldout_pitches=(50,))
+AUDIO = AudioRecipe(steps=150, batch_size=64, warmup=10, speech=TEST_SPEECH)
 
 
 @dataclass
@@ -58,14 +62,13 @@ class DigitsDemo:
 @dataclass
 class StageRun:
     """One training run: held-out accuracy before and after, the checkpoint, the peak learning rates the
-    optimizer was built with, and the run's wall and process (CPU) seconds."""
+    optimizer was built with, and the run's wall seconds."""
 
     before: float
     after: float
-    checkpoint: Path | None
+    checkpoint: Path
     peak_lrs: list[float] = field(default_factory=list)
     wall_s: float = 0.0
-    cpu_s: float = 0.0
 
 
 def prepare_digits_demo(root: Path) -> DigitsDemo:
@@ -76,83 +79,12 @@ def prepare_digits_demo(root: Path) -> DigitsDemo:
     return DigitsDemo(root, shards, instructions, encoder.path, encoder.info)
 
 
-def shallow_smollm2(stage: str, encoder_weights: str | Path, modalities: tuple[str, ...] = ("vision",),
-                    layers: int = SHALLOW_LAYERS, seed: int = 0) -> ImageBindLLM:
-    """An ImageBindLLM on SmolLM2's first ``layers`` blocks with the frozen ``demo`` encoder ``encoder_weights``."""
-    cfg, state = load_base_llama(SMOLLM2, visual_dim=128)
-    cfg.n_layers = layers
-    kept = {k: v for k, v in state.items() if not (m := re.match(r"layers\.(\d+)\.", k)) or int(m.group(1)) < layers}
-    torch.manual_seed(seed)
-    model = ImageBindLLM(cfg, stage=stage, encoder=build_encoder("demo", str(encoder_weights), modalities))
-    load_llama_weights(model, kept, SMOLLM2)
-    return model
-
-
-class _Shallow:
-    """``configure_model`` building :func:`shallow_smollm2` instead of the whole LLM (one process only)."""
-
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        hp = self.hparams
-        self.model = shallow_smollm2(self.stage, hp.imagebind_weights)
-        if hp.init_from:
-            load_trainable(self.model, hp.init_from)
-        tuning.cast_frozen(self.model, torch.bfloat16)
-
-
-class ShallowPretrain(_Shallow, PretrainModule):
-    """Stage 1 on the shallow SmolLM2."""
-
-
-class ShallowFinetune(_Shallow, FinetuneModule):
-    """Stage 2 on the shallow SmolLM2."""
-
-
-def fit(module: L.LightningModule, data: L.LightningDataModule, metric: BeforeAfterAccuracy, steps: int,
-        out: Path | None) -> StageRun:
-    """Train ``steps`` steps on CPU in bf16 with ``metric`` scoring before and after; checkpoint to ``out``."""
-    torch.manual_seed(0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision="bf16-mixed", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[metric], default_root_dir=out)
-    wall, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(module, data)
-    checkpoint = None
-    if out is not None:
-        checkpoint = out / "last.ckpt"
-        trainer.save_checkpoint(checkpoint)
-    lrs = [g["initial_lr"] for opt in trainer.optimizers for g in opt.param_groups]
-    return StageRun(metric.before, metric.after, checkpoint, lrs, time.perf_counter() - wall,
-                    time.process_time() - cpu)
-
-
-def train_stage1(demo: DigitsDemo, out: Path | None) -> StageRun:
-    """Stage 1 of the demo at test size: captions of the training digits, scored on held-out digits."""
-    module = ShallowPretrain(llm=SMOLLM2, imagebind="demo", imagebind_weights=str(demo.encoder),
-                             modalities=["vision"], lr=STAGE1["lr"], warmup_steps=5, weight_decay=0.0,
-                             frozen_dtype="bfloat16")
-    data = WebDatasetCaptions(train=demo.shards.train_pattern, tokenizer=SMOLLM2, batch_size=STAGE1["batch_size"],
-                              num_workers=0, samples_per_epoch=STAGE1["batch_size"] * STAGE1["steps"], max_words=48)
-    metric = DigitCaptionAccuracy(demo.shards.heldout_pattern, limit=STAGE1["heldout"], max_gen_len=12)
-    return fit(module, data, metric, STAGE1["steps"], out)
-
-
-def train_stage2(demo: DigitsDemo, stage1: Path, out: Path | None) -> StageRun:
-    """Stage 2 of the demo at test size from the stage-1 checkpoint: digit questions and number questions."""
-    ins = demo.instructions
-    module = ShallowFinetune(llm=SMOLLM2, imagebind="demo", imagebind_weights=str(demo.encoder),
-                             modalities=["vision"], init_from=str(stage1), lr=STAGE2["lr"], warmup_steps=5,
-                             weight_decay=0.0, frozen_dtype="bfloat16")
-    data = InstructionData(train_files=[ins.llava_train, ins.alpaca_train], tokenizer=SMOLLM2, max_words=120,
-                           batch_size=STAGE2["batch_size"], num_workers=0)
-    metric = DigitInstructionAccuracy(ins.llava_heldout, limit=STAGE2["heldout"])
-    return fit(module, data, metric, STAGE2["steps"], out)
-
-
 @contextmanager
 def scaled_adamw(scale: float) -> Iterator[None]:
-    """Every ``torch.optim.AdamW`` built inside scales its learning rates (and its groups') by ``scale``."""
+    """Every ``torch.optim.AdamW`` built inside has its learning rates (and its groups') scaled by ``scale``."""
+    if scale == 1.0:
+        yield
+        return
     original = torch.optim.AdamW
 
     class ScaledAdamW(original):  # type: ignore[misc, valid-type]
@@ -165,7 +97,52 @@ def scaled_adamw(scale: float) -> Iterator[None]:
         yield
 
 
-def crippled(train: Callable[[], StageRun], scale: float = 1e-3) -> StageRun:
-    """``train()`` with every AdamW learning rate scaled by ``scale``."""
-    with scaled_adamw(scale):
-        return train()
+def fit(module: L.LightningModule, data: L.LightningDataModule, metric: BeforeAfterAccuracy, steps: int,
+        out: Path, lr_scale: float = 1.0) -> StageRun:
+    """Train ``steps`` steps on CPU in bf16 with ``metric`` scoring before and after; checkpoint to ``out``."""
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[metric], default_root_dir=out)
+    start = time.perf_counter()
+    with scaled_adamw(lr_scale):
+        trainer.fit(module, data)
+    checkpoint = out / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    lrs = [g["initial_lr"] for opt in trainer.optimizers for g in opt.param_groups]
+    assert metric.before is not None and metric.after is not None
+    return StageRun(metric.before, metric.after, checkpoint, lrs, time.perf_counter() - start)
+
+
+def train_stage1(demo: DigitsDemo, out: Path, lr_scale: float = 1.0) -> StageRun:
+    """Stage 1 of the demo at test size: captions of the training digits, scored on held-out digits."""
+    s = STAGE1
+    module = PretrainModule(llm=SMOLLM2, imagebind="demo", imagebind_weights=str(demo.encoder), modalities=["vision"],
+                            lr=s["lr"], warmup_steps=s["warmup"], weight_decay=0.0, frozen_dtype="bfloat16")
+    data = WebDatasetCaptions(train=demo.shards.train_pattern, tokenizer=SMOLLM2, batch_size=s["batch_size"],
+                              num_workers=0, samples_per_epoch=s["batch_size"] * s["steps"], max_words=48)
+    metric = DigitCaptionAccuracy(demo.shards.heldout_pattern, limit=s["heldout"], max_gen_len=s["max_gen_len"])
+    return fit(module, data, metric, s["steps"], out, lr_scale)
+
+
+def train_stage2(demo: DigitsDemo, stage1: Path, out: Path, lr_scale: float = 1.0) -> StageRun:
+    """Stage 2 of the demo at test size from the stage-1 checkpoint, on the image conversations alone (the
+    held-out metric asks about images; the demo's text-only number questions would halve the signal)."""
+    s, ins = STAGE2, demo.instructions
+    module = FinetuneModule(llm=SMOLLM2, imagebind="demo", imagebind_weights=str(demo.encoder), modalities=["vision"],
+                            init_from=str(stage1), lr=s["lr"], warmup_steps=s["warmup"], weight_decay=0.0,
+                            frozen_dtype="bfloat16")
+    data = InstructionData(train_files=[ins.llava_train], tokenizer=SMOLLM2, max_words=120,
+                           batch_size=s["batch_size"], num_workers=0)
+    metric = DigitInstructionAccuracy(ins.llava_heldout, limit=s["heldout_items"], max_gen_len=s["max_gen_len"])
+    return fit(module, data, metric, s["steps"], out, lr_scale)
+
+
+def build_audio_and_cache(demo: DigitsDemo) -> tuple[AudioEncoder, Path]:
+    """The audio tower bound to the demo's frozen vision tower (test-size recipe, espeak-ng speech) and the
+    visual cache of the training images (``make cache``'s build), both under the demo's folder."""
+    audio = build_audio_encoder(demo.root, recipe=AUDIO, progress=False)
+    cache = demo.root / "cache"
+    factory = make_factory("demo", str(demo.encoder), batch_size=64, device="cpu", precision="fp32", workers=0)
+    build_cache_from_shards(demo.shards.train_pattern, cache, factory, show_progress=False)
+    return audio, cache
