@@ -26,27 +26,36 @@ def tiny_model(stage: str, seed: int = 0, bf16: bool = False) -> ImageBindLLM:
     return model
 
 
-def batch(cfg, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(cfg, seed: int = 1, lone_target: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, cfg.vocab_size, (3, 12), generator=gen)
     labels = tokens.clone()
     labels[:, :5] = -100  # prompt
+    labels[:, 11:] = -100  # padding of every row
     labels[1, 9:] = -100  # padding of a shorter row
-    labels[2, 1] = 7  # a lone target inside the prompt
+    if lone_target:
+        labels[2, 1] = 7  # a lone target inside the prompt
     return tokens, labels, torch.randn(3, cfg.visual_dim, generator=gen)
 
 
+@pytest.mark.parametrize("lone_target", [True, False], ids=["target-in-prompt", "answers-only"])
 @pytest.mark.parametrize("stage", tuning.STAGES)
-def test_answer_only_logits_give_the_full_loss_and_gradients(stage):
+def test_answer_only_logits_give_the_full_loss_and_gradients(stage, lone_target):
     model = tiny_model(stage)
-    tokens, labels, feature = batch(model.cfg)
+    tokens, labels, feature = batch(model.cfg, lone_target=lone_target)
     full = lm_loss(model(tokens, feature=feature), labels)
     full.backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     at = loss_positions(labels)
     assert int(at.sum()) == int((labels[:, 1:] != -100).sum())
+    rows = {}
+    for name, module in (("first", model.llama.layers[0].feed_forward), ("last", model.llama.layers[-1].feed_forward)):
+        module.register_forward_hook(lambda m, args, out, name=name: rows.__setitem__(name, args[0].shape[1]))
     logits = model(tokens, feature=feature, logits_at=at)
+    # Dead work is skipped: no column after the last target (position 10 predicts the last one) reaches any
+    # block, and the last block's feed-forward starts at the first target (position 4 predicts position 5).
+    assert rows == {"first": 10, "last": 10 if lone_target else 6}
     assert logits.shape == (int(at.sum()), model.cfg.vocab_size)
     selected = selected_lm_loss(logits, labels)
     selected.backward()

@@ -122,20 +122,25 @@ class Attention(nn.Module):
         return AdapterState(values, keys)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                adapter: AdapterState | None = None) -> Tensor:
-        """``x [B,S,D]`` (already attention-normed) -> ``[B,S,D]``; ``cos/sin`` cover positions start_pos.."""
+                adapter: AdapterState | None = None, queries_from: int = 0) -> Tensor:
+        """``x [B,S,D]`` (already attention-normed) -> ``[B,S-queries_from,D]``; ``cos/sin`` cover positions
+        start_pos... Keys and values come from every position of ``x``, queries (and so outputs) only from
+        ``queries_from`` on."""
         bsz, seqlen, _ = x.shape
-        q = apply_rope(self._heads(self.wq(x), self.n_heads), cos, sin).transpose(1, 2)
+        xq = x[:, queries_from:] if queries_from else x
+        q_cos, q_sin = (cos[queries_from:], sin[queries_from:]) if queries_from else (cos, sin)
+        q = apply_rope(self._heads(self.wq(xq), self.n_heads), q_cos, q_sin).transpose(1, 2)
         k = apply_rope(self._heads(self.wk(x), self.n_kv_heads), cos, sin).transpose(1, 2)
         v = self._heads(self.wv(x), self.n_kv_heads).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
+        q_len, first_q = seqlen - queries_from, start_pos + queries_from
         mask, causal = None, False
-        if seqlen > 1 and start_pos == 0 and k.shape[2] == seqlen:
+        if q_len > 1 and first_q == 0 and k.shape[2] == q_len:
             causal = True
-        elif seqlen > 1:  # chunk after a cached prefix: query t sees keys 0..start_pos+t (the official
-            # code builds a [seqlen, seqlen] mask here, wrong once start_pos > 0)
-            q_pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
+        elif q_len > 1:  # queries after a cached or skipped prefix: query t sees keys 0..first_q+t (the
+            # official code builds a [seqlen, seqlen] mask here, wrong once start_pos > 0)
+            q_pos = torch.arange(first_q, first_q + q_len, device=x.device)
             mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
@@ -147,7 +152,7 @@ class Attention(nn.Module):
             else:
                 scores = (q @ adapter.keys.to(q.dtype).transpose(-1, -2)).float() / math.sqrt(self.head_dim)
                 out = out + (gate * scores.softmax(-1).to(out.dtype)) @ values
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(out.transpose(1, 2).reshape(bsz, q_len, -1))
 
 
 class FeedForward(nn.Module):
@@ -178,8 +183,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                adapter: AdapterState | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, adapter)
+                adapter: AdapterState | None = None, queries_from: int = 0) -> Tensor:
+        """``x [B,S,D]`` -> ``[B,S-queries_from,D]``: the outputs of positions ``queries_from`` on (every
+        position still serves as a key and value)."""
+        residual = x[:, queries_from:] if queries_from else x
+        h = residual + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, adapter, queries_from)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -238,6 +246,8 @@ class LLaMA(nn.Module):
         ``logits_at [B,S]`` (bool) projects only the selected positions and returns ``[N,V]`` in row-major
         order of the mask: the output projection is per position, so these rows equal the full logits there.
         """
+        if logits_at is not None and caches is None and start_pos == 0 and not last_only:
+            return self.selected_logits(tokens, adapters, logits_at)
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope(start_pos, start_pos + tokens.shape[1], tokens.device)
         for i, layer in enumerate(self.layers):
@@ -247,3 +257,18 @@ class LLaMA(nn.Module):
         elif logits_at is not None:
             h = h[logits_at]
         return self.output(self.norm(h))
+
+    def selected_logits(self, tokens: Tensor, adapters: list[AdapterState | None] | None, logits_at: Tensor) -> Tensor:
+        """Logits ``[N,V]`` at the True positions of ``logits_at [B,S]`` (N > 0), without the work no selected
+        logit depends on: the columns after the last selected one (attention is causal), and in the last
+        block the queries, attention output and feed-forward of the columns before the first selected one
+        (only their keys and values are read). Equal to the full forward's rows up to float rounding."""
+        columns = logits_at.any(0).nonzero().flatten()
+        first, end = int(columns[0]), int(columns[-1]) + 1
+        tokens, logits_at = tokens[:, :end], logits_at[:, :end]
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rope(0, end, tokens.device)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, 0, None, adapters[i] if adapters else None, first if i == last else 0)
+        return self.output(self.norm(h[logits_at[:, first:]]))
