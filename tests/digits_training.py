@@ -1,10 +1,10 @@
 """Small real trainings of the digits demo, for the learning tests and the cross-modal claim.
 
 The demo's own pieces run at test size: its data writers, its stage-0 recipe (fewer steps), the real
-SmolLM2-135M-Instruct (frozen, bf16) and its held-out accuracy callbacks. What makes them fit a test is
-fewer steps at a higher learning rate and smaller held-out sets, nothing else: stage 1 reaches about 0.9
-held-out caption accuracy in 50 steps on the whole LLM (a frozen *random* or truncated LLM cannot caption:
-it learns to stop at once).
+SmolLM2-135M-Instruct (frozen; bf16 where the CPU has bf16 matrix instructions, else fp32) and its held-out
+accuracy callbacks. What makes them fit a test is fewer steps at a higher learning rate and smaller held-out
+sets, nothing else: stage 1 reaches about 0.9 held-out caption accuracy in 50 steps on the whole LLM (a
+frozen *random* or truncated LLM cannot caption: it learns to stop at once).
 
 ``pytest --adamw-lr-scale 1e-3`` scales every AdamW learning rate of stages 1 and 2 (not of the stage-0
 fixture) to show that the learning tests catch crippled learning: they must then fail.
@@ -33,9 +33,25 @@ from ibllm.demos.digits.data import DigitInstructions, DigitShards, write_digit_
 from ibllm.demos.digits.towers import DemoRecipe, build_demo_encoder
 from ibllm.lit import FinetuneModule, PretrainModule
 
+
+def cpu_has_bf16_matmul() -> bool:
+    """True when this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX): then bf16 is about twice
+    as fast as fp32 here; without it (AVX2, or AVX-512 without BF16) bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# The precision of the learning runs (stage 0 included): the demo's bf16 where the CPU has it, else fp32,
+# which is faster than emulated bf16.
+FROZEN_DTYPE, PRECISION = ("bfloat16", "bf16-mixed") if cpu_has_bf16_matmul() else ("float32", "32-true")
+
 SMOLLM2 = "smollm2-135m-instruct"
+
 # Stage 0 of the demo recipe, shortened (held-out zero-shot accuracy about 0.95 instead of 0.97).
-STAGE0 = DemoRecipe(steps=300, warmup=20)
+STAGE0 = DemoRecipe(steps=300, warmup=20, bf16=FROZEN_DTYPE == "bfloat16")
 STAGE1 = {"steps": 50, "batch_size": 8, "lr": 2e-3, "warmup": 5, "heldout": 60, "max_gen_len": 10}
 STAGE2 = {"steps": 40, "batch_size": 4, "lr": 3e-3, "warmup": 5, "heldout_items": 24, "max_gen_len": 16}
 INSTRUCTION_IMAGES = 300
@@ -45,7 +61,7 @@ _FULL_SPEECH = SpeechSpec()
 TEST_SPEECH = SpeechSpec(train_voices=_FULL_SPEECH.train_voices[:4], train_speeds=(120, 200), train_pitches=(25, 75),
                          heldout_voices=_FULL_SPEECH.heldout_voices[:2], heldout_speeds=(140, 180),
                          heldout_pitches=(50,))
-AUDIO = AudioRecipe(steps=150, batch_size=64, warmup=10, speech=TEST_SPEECH)
+AUDIO = AudioRecipe(steps=150, batch_size=64, warmup=10, speech=TEST_SPEECH, bf16=FROZEN_DTYPE == "bfloat16")
 
 
 @dataclass
@@ -99,9 +115,10 @@ def scaled_adamw(scale: float) -> Iterator[None]:
 
 def fit(module: L.LightningModule, data: L.LightningDataModule, metric: BeforeAfterAccuracy, steps: int,
         out: Path, lr_scale: float = 1.0) -> StageRun:
-    """Train ``steps`` steps on CPU in bf16 with ``metric`` scoring before and after; checkpoint to ``out``."""
+    """Train ``steps`` steps on CPU (:data:`PRECISION`) with ``metric`` scoring before and after; checkpoint to
+    ``out``."""
     torch.manual_seed(0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision="bf16-mixed", logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision=PRECISION, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[metric], default_root_dir=out)
     start = time.perf_counter()
@@ -118,7 +135,7 @@ def train_stage1(demo: DigitsDemo, out: Path, lr_scale: float = 1.0) -> StageRun
     """Stage 1 of the demo at test size: captions of the training digits, scored on held-out digits."""
     s = STAGE1
     module = PretrainModule(llm=SMOLLM2, imagebind="demo", imagebind_weights=str(demo.encoder), modalities=["vision"],
-                            lr=s["lr"], warmup_steps=s["warmup"], weight_decay=0.0, frozen_dtype="bfloat16")
+                            lr=s["lr"], warmup_steps=s["warmup"], weight_decay=0.0, frozen_dtype=FROZEN_DTYPE)
     data = WebDatasetCaptions(train=demo.shards.train_pattern, tokenizer=SMOLLM2, batch_size=s["batch_size"],
                               num_workers=0, samples_per_epoch=s["batch_size"] * s["steps"], max_words=48)
     metric = DigitCaptionAccuracy(demo.shards.heldout_pattern, limit=s["heldout"], max_gen_len=s["max_gen_len"])
@@ -131,7 +148,7 @@ def train_stage2(demo: DigitsDemo, stage1: Path, out: Path, lr_scale: float = 1.
     s, ins = STAGE2, demo.instructions
     module = FinetuneModule(llm=SMOLLM2, imagebind="demo", imagebind_weights=str(demo.encoder), modalities=["vision"],
                             init_from=str(stage1), lr=s["lr"], warmup_steps=s["warmup"], weight_decay=0.0,
-                            frozen_dtype="bfloat16")
+                            frozen_dtype=FROZEN_DTYPE)
     data = InstructionData(train_files=[ins.llava_train], tokenizer=SMOLLM2, max_words=120,
                            batch_size=s["batch_size"], num_workers=0)
     metric = DigitInstructionAccuracy(ins.llava_heldout, limit=s["heldout_items"], max_gen_len=s["max_gen_len"])
