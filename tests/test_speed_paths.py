@@ -64,6 +64,13 @@ def test_answer_only_logits_give_the_full_loss_and_gradients(stage, lone_target)
         torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_no_selected_position_gives_empty_logits():
+    model = tiny_model("finetune")
+    tokens, _, feature = batch(model.cfg)
+    logits = model(tokens, feature=feature, logits_at=torch.zeros_like(tokens, dtype=torch.bool))
+    assert logits.shape == (0, model.cfg.vocab_size)
+
+
 def test_fused_adamw_is_chosen_on_cpu_and_skips_unsupported_tensors():
     assert fused_adamw_supported([torch.zeros(2, requires_grad=True)])
     assert not fused_adamw_supported([torch.zeros(2, device="meta")])

@@ -259,12 +259,12 @@ class LLaMA(nn.Module):
         return self.output(self.norm(h))
 
     def selected_logits(self, tokens: Tensor, adapters: list[AdapterState | None] | None, logits_at: Tensor) -> Tensor:
-        """Logits ``[N,V]`` at the True positions of ``logits_at [B,S]`` (N > 0), without the work no selected
+        """Logits ``[N,V]`` at the True positions of ``logits_at [B,S]``, without the work no selected
         logit depends on: the columns after the last selected one (attention is causal), and in the last
         block the queries, attention output and feed-forward of the columns before the first selected one
         (only their keys and values are read). Equal to the full forward's rows up to float rounding."""
         columns = logits_at.any(0).nonzero().flatten()
-        first, end = int(columns[0]), int(columns[-1]) + 1
+        first, end = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, tokens.shape[1])
         tokens, logits_at = tokens[:, :end], logits_at[:, :end]
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope(0, end, tokens.device)
