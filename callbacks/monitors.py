@@ -15,21 +15,17 @@ from ibllm.processing.templates import CAPTION_INSTRUCTION, format_prompt
 def total_grad_norm(module: torch.nn.Module) -> float | None:
     """L2 norm of all gradients of ``module`` (None when none exists). Sharded (DTensor) gradients, as under
     FSDP2, contribute their local shards and are summed across ranks; every rank must call this."""
-    plain, sharded, any_grad = 0.0, None, False
-    for param in module.parameters():
-        grad = param.grad
-        if grad is None:
-            continue
-        any_grad = True
-        if hasattr(grad, "to_local"):
-            local = grad.to_local().detach().double().pow(2).sum()
-            sharded = local if sharded is None else sharded + local
-        else:
-            plain += float(grad.detach().double().pow(2).sum())
-    if sharded is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sharded)
-    total = plain + (float(sharded) if sharded is not None else 0.0)
-    return total ** 0.5 if any_grad else None
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    plain = sum(float(g.double().pow(2).sum()) for g in grads if not hasattr(g, "to_local"))
+    shards = [g.to_local().double().pow(2).sum() for g in grads if hasattr(g, "to_local")]
+    if shards:
+        sharded = torch.stack(shards).sum()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sharded)
+        plain += float(sharded)
+    return plain ** 0.5
 
 
 def log_scalar(trainer: L.Trainer, name: str, value: float) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +77,11 @@ class DigitsDemo:
 
 @dataclass
 class StageRun:
-    """One training run: held-out accuracy before and after, the checkpoint, the peak learning rates the
-    optimizer was built with, and the run's wall seconds."""
+    """One training run: held-out accuracy before and after, the checkpoint and the run's wall seconds."""
 
     before: float
     after: float
     checkpoint: Path
-    peak_lrs: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
 
@@ -126,9 +124,8 @@ def fit(module: L.LightningModule, data: L.LightningDataModule, metric: BeforeAf
         trainer.fit(module, data)
     checkpoint = out / "last.ckpt"
     trainer.save_checkpoint(checkpoint)
-    lrs = [g["initial_lr"] for opt in trainer.optimizers for g in opt.param_groups]
     assert metric.before is not None and metric.after is not None
-    return StageRun(metric.before, metric.after, checkpoint, lrs, time.perf_counter() - start)
+    return StageRun(metric.before, metric.after, checkpoint, time.perf_counter() - start)
 
 
 def train_stage1(demo: DigitsDemo, out: Path, lr_scale: float = 1.0) -> StageRun:

@@ -310,7 +310,8 @@ def test_check_sources_names_the_setting_and_the_file(tmp_path) -> None:
     cut.write_bytes(cut.read_bytes()[:3000])
     cases = [
         (dict(llm="llama-7b-typo"), "model.init_args.llm: LLM source 'llama-7b-typo': no such preset"),
-        (dict(imagebind="hugee"), "model.init_args.imagebind: unknown ImageBind preset 'hugee'; choose from demo"),
+        (dict(imagebind="hugee"),
+         "model.init_args.imagebind: unknown ImageBind preset 'hugee'; choose from demo, huge, huge_w3d, tiny"),
         (dict(init_from=str(tmp_path / "nope.ckpt")), f"init_from checkpoint file not found: {tmp_path / 'nope.ckpt'}"),
         (dict(init_from=str(empty)), f"init_from checkpoint file {empty} is empty (0 bytes)"),
         (dict(init_from=str(cut)), f"init_from checkpoint file {cut} is truncated or corrupt"),

@@ -71,6 +71,16 @@ def test_no_selected_position_gives_empty_logits():
     assert logits.shape == (0, model.cfg.vocab_size)
 
 
+def test_answer_only_logits_refuse_a_kv_cache_or_last_only():
+    model = tiny_model("finetune")
+    tokens, labels, _ = batch(model.cfg)
+    at = loss_positions(labels)
+    with pytest.raises(ValueError, match="logits_at"):
+        model.llama(tokens, logits_at=at, last_only=True)
+    with pytest.raises(ValueError, match="logits_at"):
+        model.llama(tokens, logits_at=at, start_pos=2)
+
+
 def test_fused_adamw_is_chosen_on_cpu_and_skips_unsupported_tensors():
     assert fused_adamw_supported([torch.zeros(2, requires_grad=True)])
     assert not fused_adamw_supported([torch.zeros(2, device="meta")])

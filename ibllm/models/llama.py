@@ -246,7 +246,9 @@ class LLaMA(nn.Module):
         ``logits_at [B,S]`` (bool) projects only the selected positions and returns ``[N,V]`` in row-major
         order of the mask: the output projection is per position, so these rows equal the full logits there.
         """
-        if logits_at is not None and caches is None and start_pos == 0 and not last_only:
+        if logits_at is not None:
+            if caches is not None or start_pos or last_only:
+                raise ValueError("logits_at is for whole-sequence forwards (no KV cache, start_pos 0, not last_only)")
             return self.selected_logits(tokens, adapters, logits_at)
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope(start_pos, start_pos + tokens.shape[1], tokens.device)
@@ -254,8 +256,6 @@ class LLaMA(nn.Module):
             h = layer(h, cos, sin, start_pos, caches[i] if caches else None, adapters[i] if adapters else None)
         if last_only:
             h = h[:, -1:]
-        elif logits_at is not None:
-            h = h[logits_at]
         return self.output(self.norm(h))
 
     def selected_logits(self, tokens: Tensor, adapters: list[AdapterState | None] | None, logits_at: Tensor) -> Tensor:
