@@ -19,6 +19,9 @@ STAMP := $(BIN)/.ibllm-installed
 EXP ?=
 ARGS ?=
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many pytest processes, one test file per process at a time (pytest-xdist);
+# 0 runs it in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: help setup test test-unit pretrain finetune chat clean-demo
 
@@ -51,7 +54,7 @@ $(STAMP): pyproject.toml
 
 # Everything CI runs, system tests included (SLURM, Chromium, espeak-ng, command-line subprocesses).
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The unit tests only (no system test, no real training): the fast loop while editing.
 test-unit: setup

@@ -28,6 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 for _key in [k for k in os.environ if k.startswith("SLURM_")]:
     del os.environ[_key]
 
+# Under `make test`'s worker processes (pytest-xdist), each worker and every process it starts gets its share of
+# the cores: two workers each running torch on every core would oversubscribe them, and OpenMP's spinning
+# threads then make the suite slower than one process.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _share))
+
 # Variables of a surrounding launcher (torchrun, SLURM, MPI) that a child process must not inherit.
 LAUNCHER_PREFIXES = ("SLURM_", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE",
                      "LOCAL_WORLD_SIZE", "RANK", "TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_")
@@ -221,6 +228,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--adamw-lr-scale", type=float, default=1.0,
                      help="scale every AdamW learning rate of the digits learning runs (stage 1 and 2) by this "
                           "factor; 1e-3 cripples learning, and the learning tests must then fail")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the ``slow`` tests (the real trainings) first: under ``make test``'s worker processes their file then
+    starts at once and the other worker takes the rest of the suite meanwhile, instead of the longest file
+    starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the order is kept otherwise
 
 
 @pytest.fixture(scope="session")
