@@ -4,11 +4,13 @@ get the same trainables, optimizer state and per-step losses as a run straight t
 from __future__ import annotations
 
 import copy
+import shutil
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from callbacks.preemption import RequeueAtStepEnd
 from datamodules import WebDatasetCaptions
 from ibllm import tuning
 from ibllm.lit import PretrainModule
@@ -125,3 +127,21 @@ def test_resume_mid_epoch_restores_the_exact_state(tmp_path, sp_model, caption_s
     assert part.end["step"] == PER_EPOCH - 1
     assert_same_state(part.end, resumed.start)
     assert [s for s, _ in first.losses + second.losses] == list(range(1, TOTAL + 1))
+
+
+def test_a_resumed_run_deletes_the_requeue_checkpoints_it_no_longer_needs(tmp_path, sp_model, caption_shards):
+    # Requeue checkpoints as SLURM requeues leave them: steps 2 and 3, one unreadable, and one from a later
+    # point (6 steps) that the user chose not to resume from.
+    last = tmp_path / "ckpt" / "last.ckpt"
+    fit(tmp_path, sp_model, caption_shards, [StopAt(2)])
+    shutil.copy(last, tmp_path / "hpc_ckpt_1.ckpt")
+    fit(tmp_path, sp_model, caption_shards, [StopAt(3)], ckpt_path=str(last))
+    shutil.copy(last, tmp_path / "hpc_ckpt_2.ckpt")
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"truncated")
+    fit(tmp_path / "ahead", sp_model, caption_shards, [])
+    shutil.copy(tmp_path / "ahead" / "ckpt" / "last.ckpt", tmp_path / "hpc_ckpt_4.ckpt")
+
+    resumed = fit(tmp_path, sp_model, caption_shards, [RequeueAtStepEnd()], ckpt_path=str(tmp_path / "hpc_ckpt_2.ckpt"))
+    assert resumed.start["step"] == 3 and resumed.end["step"] == TOTAL
+    assert sorted(p.name for p in tmp_path.glob("hpc_ckpt_*")) == ["hpc_ckpt_2.ckpt", "hpc_ckpt_3.ckpt",
+                                                                    "hpc_ckpt_4.ckpt"]

@@ -142,7 +142,11 @@ def test_slurm_usr1_requeues_and_resumes(slurm_cluster, tmp_path, sp_model, capt
     assert f"job {job} restart 1" in logs  # the same job ran again
     # ... and resumed where the requeue left off. hpc_ckpt_1, last.ckpt (saved at the same step end) and
     # interrupted.ckpt (saved when the requeue's SIGTERM arrived) all hold saved_step; the newest is taken.
-    assert "Restoring states from the checkpoint path at" in logs, logs
+    restored = re.search(r"Restoring states from the checkpoint path at (\S+)", logs)
+    assert restored, logs
+    # hpc_ckpt_1 stays only if it is what the run resumed from: otherwise another file held its step, and the
+    # resumed run deleted it (Lightning would keep every requeue's checkpoint).
+    assert hpc.exists() == (Path(restored[1]).resolve() == hpc.resolve()), logs
     steps = [int(line.split("\t")[0]) for line in (root / "keys" / "keys.rank0.txt").read_text().splitlines()]
     assert steps == list(range(1, max_steps + 1)), steps  # each step once: none lost, none trained twice
     final = meta(root / "checkpoints" / "last.ckpt")
