@@ -49,6 +49,8 @@ def test_image_only_model_answers_spoken_digits_and_the_cache_does_not_hurt(espe
                f"with the visual cache {cached.accuracy:.2f}; e.g. {naive.examples[:3]}")
     print(figures)
     assert naive.n >= 40, figures
-    # Ten digits: chance is 0.1. Stage 1 never saw audio; only the shared embedding space carries it over.
-    assert naive.accuracy >= 0.3, figures
+    # Ten digits: chance is 0.1, and 10 or more right of 40 by chance has probability 0.005. Stage 1 never saw
+    # audio; only the shared embedding space carries it over. How far varies a lot between otherwise equal runs
+    # (0.33 to 0.98 over seeds and thread counts here): the modality gap is what the cache is for.
+    assert naive.accuracy >= 0.25, figures
     assert cached.accuracy >= naive.accuracy, figures
