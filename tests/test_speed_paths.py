@@ -79,6 +79,9 @@ def test_answer_only_logits_refuse_a_kv_cache_or_last_only():
         model.llama(tokens, logits_at=at, last_only=True)
     with pytest.raises(ValueError, match="logits_at"):
         model.llama(tokens, logits_at=at, start_pos=2)
+    caches = model.llama.new_cache(tokens.shape[0], tokens.shape[1], tokens.device, torch.float32)
+    with pytest.raises(ValueError, match="logits_at"):
+        model.llama(tokens, logits_at=at, caches=caches)
 
 
 def test_fused_adamw_is_chosen_on_cpu_and_skips_unsupported_tensors():
